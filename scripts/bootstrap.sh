@@ -10,6 +10,17 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MM_VENV:-$here/.venv}"
 python="${PYTHON:-python3}"
 
+# Linux: MLX's CPU wheel bundles a slow reference BLAS; metal_marlin interposes OpenBLAS
+# at import time when the system has it (see metal_marlin/_blas.py). Install it if we can.
+if [ "$(uname -s)" = "Linux" ] && ! ldconfig -p 2>/dev/null | grep -q "libopenblas.so.0"; then
+  if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq libopenblas0-pthread) >/dev/null \
+      || echo "warning: could not install libopenblas0-pthread; MLX matmuls will be slow" >&2
+  else
+    echo "note: install OpenBLAS (Debian/Ubuntu: libopenblas0-pthread) for fast MLX matmuls on Linux" >&2
+  fi
+fi
+
 if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi

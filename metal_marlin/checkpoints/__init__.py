@@ -1,0 +1,18 @@
+"""Read and write model checkpoints: GGUF (read), Hugging Face / MLX folders (read, write)."""
+
+from .gguf_reader import read_gguf, unpermute_qk
+from .hf import read_hf_config, read_hf_metadata, read_hf_weights, save_hf_folder
+from .loader import LoadedModel, build_model, load_builtin_model, load_model
+
+__all__ = [
+    "LoadedModel",
+    "build_model",
+    "load_builtin_model",
+    "load_model",
+    "read_gguf",
+    "read_hf_config",
+    "read_hf_metadata",
+    "read_hf_weights",
+    "save_hf_folder",
+    "unpermute_qk",
+]

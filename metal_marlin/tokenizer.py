@@ -1,0 +1,450 @@
+"""Tokenizers for the models we serve, built on Hugging Face ``tokenizers``.
+
+A Hugging Face folder carries a ready ``tokenizer.json``; a GGUF file does not. A GGUF stores the
+vocabulary, merges, token types and special token ids as metadata under llama.cpp's key names,
+plus a short name of the pre-tokenizer (``tokenizer.ggml.pre``) that says how text is split
+into words before BPE. We rebuild an equivalent ``tokenizers.Tokenizer`` from those pieces, so
+both sources end up as one :class:`Tokenizer` that can also be saved as a Hugging Face folder
+(``tokenizer.json`` + ``tokenizer_config.json``) that mlx-lm and transformers load.
+
+Only byte-level BPE (``tokenizer.ggml.model == "gpt2"``) is rebuilt from GGUF so far, with the
+pre-tokenizers listed in :data:`GGUF_PRE_TOKENIZERS`. Anything else raises ``ValueError``
+naming what is missing: a silently wrong split would still round-trip text but give the model
+token sequences it never saw in training.
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import struct
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import Tokenizer as _HFTokenizer
+
+__all__ = ["GGUF_PRE_TOKENIZERS", "Tokenizer", "read_gguf_metadata"]
+
+# llama.cpp token types (``tokenizer.ggml.token_type``).
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = (
+    1,
+    2,
+    3,
+    4,
+    5,
+    6,
+)
+
+# Regexes that split text into pre-tokens, keyed by llama.cpp's ``tokenizer.ggml.pre`` names.
+# ``None`` means the GPT-2 regex that tokenizers' ``ByteLevel(use_regex=True)`` applies itself.
+_GPT2 = None
+# Llama 3: case-insensitive contractions, numbers in groups of at most three digits.
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2: as Llama 3 but every digit on its own.
+_QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+#: ``tokenizer.ggml.pre`` value -> (split every digit first?, extra split regex or None for GPT-2's).
+#: "smollm" (like "starcoder" and "refact") is llama.cpp's pair of regexes ``\p{N}`` then the
+#: GPT-2 regex, i.e. the ``Digits(individual_digits=True)`` + ``ByteLevel`` pre-tokenizer of
+#: SmolLM2's own ``tokenizer.json``.
+GGUF_PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
+    "default": (False, _GPT2),
+    "gpt-2": (False, _GPT2),
+    "gpt2": (False, _GPT2),
+    "phi-2": (False, _GPT2),
+    "smollm": (True, _GPT2),
+    "starcoder": (True, _GPT2),
+    "refact": (True, _GPT2),
+    "llama-bpe": (False, _LLAMA3_SPLIT),
+    "llama3": (False, _LLAMA3_SPLIT),
+    "smaug-bpe": (False, _LLAMA3_SPLIT),
+    "qwen2": (False, _QWEN2_SPLIT),
+}
+
+# GGUF value types (gguf.GGUFValueType) -> struct format of one scalar.
+_SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
+_STRING, _ARRAY = 8, 9
+
+
+def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
+    """Read only the key/value metadata of a GGUF file.
+
+    ``gguf.GGUFReader`` parses every tensor and wraps each of the ~100k vocabulary strings in
+    numpy views, which takes several seconds for a small model; the tokenizer needs none of
+    the tensors. This walks the metadata section alone (GGUF v2/v3, either byte order) and
+    returns plain Python values (strings, numbers, lists).
+    """
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        if buf[:4] != b"GGUF":
+            raise ValueError(f"{path} is not a GGUF file (bad magic {bytes(buf[:4])!r})")
+        (version,) = struct.unpack_from("<I", buf, 4)
+        order = "<"
+        if version & 0xFFFF == 0:  # a big-endian file read as little-endian
+            order = ">"
+            (version,) = struct.unpack_from(">I", buf, 4)
+        if version < 2:
+            raise ValueError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
+        _, n_kv = struct.unpack_from(order + "QQ", buf, 8)
+        pos = 24
+        out: dict[str, Any] = {}
+
+        def read_string(p: int) -> tuple[str, int]:
+            (n,) = struct.unpack_from(order + "Q", buf, p)
+            return bytes(buf[p + 8 : p + 8 + n]).decode("utf-8", errors="replace"), p + 8 + n
+
+        def read_value(vtype: int, p: int) -> tuple[Any, int]:
+            if vtype == _STRING:
+                return read_string(p)
+            if vtype == _ARRAY:
+                etype, count = struct.unpack_from(order + "IQ", buf, p)
+                p += 12
+                if etype in _SCALAR_FORMATS:
+                    dtype = np.dtype(_SCALAR_FORMATS[etype]).newbyteorder(order)
+                    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=p)
+                    return arr.tolist(), p + count * dtype.itemsize
+                items = []
+                for _ in range(count):
+                    item, p = read_value(etype, p)
+                    items.append(item)
+                return items, p
+            if vtype in _SCALAR_FORMATS:
+                fmt = order + _SCALAR_FORMATS[vtype]
+                return struct.unpack_from(fmt, buf, p)[0], p + struct.calcsize(fmt)
+            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+
+        for _ in range(n_kv):
+            key, pos = read_string(pos)
+            (vtype,) = struct.unpack_from(order + "I", buf, pos)
+            out[key], pos = read_value(vtype, pos + 4)
+        return out
+
+
+def _metadata_from_reader(reader: Any) -> dict[str, Any]:
+    """Plain metadata from an already opened ``gguf.GGUFReader`` (shares the checkpoint's parse)."""
+    return {name: field.contents() for name, field in reader.fields.items()}
+
+
+def _token_content(value: Any) -> str | None:
+    """A special token as ``tokenizer_config.json`` spells it: a string or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+class Tokenizer:
+    """A ``tokenizers.Tokenizer`` plus what generation needs to know about its special tokens.
+
+    ``eos_token_ids`` is a set because chat models end a turn with a token (``<|im_end|>``,
+    ``<|eot_id|>``) that may differ from the document end token; generation stops on any.
+    """
+
+    def __init__(
+        self,
+        backend: _HFTokenizer,
+        *,
+        bos_token_id: int | None = None,
+        eos_token_ids: Iterable[int] = (),
+        eos_token_id: int | None = None,
+        unk_token_id: int | None = None,
+        pad_token_id: int | None = None,
+        chat_template: str | None = None,
+        add_bos_token: bool = False,
+        add_eos_token: bool = False,
+        model_max_length: int | None = None,
+    ) -> None:
+        self.backend = backend
+        self.bos_token_id = bos_token_id
+        self.eos_token_ids: set[int] = set(eos_token_ids)
+        if eos_token_id is None and self.eos_token_ids:
+            eos_token_id = min(self.eos_token_ids)
+        if eos_token_id is not None:
+            self.eos_token_ids.add(eos_token_id)
+        #: The primary end token (``eos_token`` in templates and in ``tokenizer_config.json``).
+        self.eos_token_id = eos_token_id
+        self.unk_token_id = unk_token_id
+        self.pad_token_id = pad_token_id
+        self.chat_template = chat_template
+        self.add_bos_token = add_bos_token
+        self.add_eos_token = add_eos_token
+        self.model_max_length = model_max_length
+        self._special_ids = frozenset(
+            i for i, tok in backend.get_added_tokens_decoder().items() if tok.special
+        )
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_gguf(cls, source: str | Path | Any) -> Tokenizer:
+        """Rebuild the tokenizer described by a GGUF file's metadata.
+
+        ``source`` is a path (only the metadata is read, quickly) or an open
+        ``gguf.GGUFReader`` (reuse the parse a checkpoint loader already did).
+        """
+        if isinstance(source, (str, Path)):
+            metadata = read_gguf_metadata(source)
+        elif hasattr(source, "fields"):
+            metadata = _metadata_from_reader(source)
+        else:
+            raise TypeError(f"expected a GGUF path or gguf.GGUFReader, got {type(source).__name__}")
+        return cls.from_gguf_metadata(metadata)
+
+    @classmethod
+    def from_gguf_metadata(cls, md: Mapping[str, Any]) -> Tokenizer:
+        """Build from GGUF metadata as a plain dict (see :func:`read_gguf_metadata`)."""
+        model = md.get("tokenizer.ggml.model")
+        if model != "gpt2":
+            raise ValueError(
+                f"GGUF tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') "
+                "can be rebuilt from GGUF metadata so far"
+            )
+        pre = md.get("tokenizer.ggml.pre", "default")
+        if pre not in GGUF_PRE_TOKENIZERS:
+            raise ValueError(
+                f"GGUF pre-tokenizer {pre!r} is not supported (known: {sorted(GGUF_PRE_TOKENIZERS)})"
+            )
+        tokens: list[str] = list(md["tokenizer.ggml.tokens"])
+        merges_raw = md.get("tokenizer.ggml.merges")
+        if not merges_raw:
+            raise ValueError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
+        merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+        types: Sequence[int] = md.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
+
+        vocab = {tok: i for i, tok in enumerate(tokens)}
+        if len(vocab) != len(tokens):
+            raise ValueError("GGUF vocabulary has duplicate tokens")
+        backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+        split_digits, split_regex = GGUF_PRE_TOKENIZERS[pre]
+        steps: list[Any] = []
+        if split_digits:
+            steps.append(pre_tokenizers.Digits(individual_digits=True))
+        if split_regex is None:
+            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+        else:
+            steps.append(pre_tokenizers.Split(Regex(split_regex), behavior="isolated"))
+            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+        backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+        backend.decoder = decoders.ByteLevel()
+
+        # Control tokens are special (skipped when decoding with skip_special_tokens); user-defined
+        # ones are matched whole in text but decode as text. Both bypass BPE.
+        added = [
+            AddedToken(tokens[i], special=(t == _TOKEN_CONTROL), normalized=False)
+            for i, t in enumerate(types)
+            if t in (_TOKEN_CONTROL, _TOKEN_USER_DEFINED)
+        ]
+        backend.add_tokens(added)
+
+        def opt_id(key: str) -> int | None:
+            value = md.get(key)
+            return int(value) if value is not None and 0 <= int(value) < len(tokens) else None
+
+        bos = opt_id("tokenizer.ggml.bos_token_id")
+        eos = opt_id("tokenizer.ggml.eos_token_id")
+        add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
+        add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
+        eos_ids = {
+            i
+            for i in (eos, opt_id("tokenizer.ggml.eot_token_id"), opt_id("tokenizer.ggml.eom_token_id"))
+            if i is not None
+        }
+        # Make BOS/EOS tokens special even if the file typed them as normal.
+        for i in (bos, *eos_ids):
+            if i is not None and i not in backend.get_added_tokens_decoder():
+                backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)])
+        backend.post_processor = _post_processor(tokens, bos if add_bos else None, eos if add_eos else None)
+
+        arch = md.get("general.architecture")
+        ctx = md.get(f"{arch}.context_length") if arch else None
+        return cls(
+            backend,
+            bos_token_id=bos,
+            eos_token_id=eos,
+            eos_token_ids=eos_ids,
+            unk_token_id=opt_id("tokenizer.ggml.unknown_token_id"),
+            pad_token_id=opt_id("tokenizer.ggml.padding_token_id"),
+            chat_template=md.get("tokenizer.chat_template"),
+            add_bos_token=add_bos,
+            add_eos_token=add_eos,
+            model_max_length=int(ctx) if ctx else None,
+        )
+
+    @classmethod
+    def from_folder(cls, path: str | Path) -> Tokenizer:
+        """Load a Hugging Face tokenizer folder (``tokenizer.json`` + ``tokenizer_config.json``).
+
+        Also reads ``chat_template.jinja`` (newer transformers save the template there) and the
+        ``eos_token_id`` list of ``generation_config.json`` (chat models list end-of-turn there).
+        """
+        folder = Path(path)
+        tj = folder / "tokenizer.json"
+        if not tj.is_file():
+            raise FileNotFoundError(f"{tj} not found (only 'fast' tokenizer.json folders are supported)")
+        backend = _HFTokenizer.from_file(str(tj))
+        config = _read_json(folder / "tokenizer_config.json")
+        gen_config = _read_json(folder / "generation_config.json")
+
+        def tok_id(name: str) -> int | None:
+            content = _token_content(config.get(name))
+            return backend.token_to_id(content) if content is not None else None
+
+        template = config.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = folder / "chat_template.jinja"
+        if template is None and jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+
+        eos = tok_id("eos_token")
+        gen_eos = gen_config.get("eos_token_id")
+        eos_ids = set(gen_eos if isinstance(gen_eos, list) else [gen_eos] if gen_eos is not None else [])
+        max_len = config.get("model_max_length")
+        return cls(
+            backend,
+            bos_token_id=tok_id("bos_token"),
+            eos_token_id=eos,
+            eos_token_ids={int(i) for i in eos_ids},
+            unk_token_id=tok_id("unk_token"),
+            pad_token_id=tok_id("pad_token"),
+            chat_template=template,
+            add_bos_token=bool(config.get("add_bos_token", False)),
+            add_eos_token=bool(config.get("add_eos_token", False)),
+            model_max_length=int(max_len) if isinstance(max_len, int) and max_len < 10**12 else None,
+        )
+
+    def save(self, folder: str | Path) -> None:
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder``.
+
+        ``tokenizer_class`` is ``PreTrainedTokenizerFast`` so that transformers uses our
+        ``tokenizer.json`` as is (a model-specific class may rebuild its own pre-tokenizer).
+        ``clean_up_tokenization_spaces`` is off so its ``decode`` equals ours.
+        """
+        out = Path(folder)
+        out.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(out / "tokenizer.json"))
+        added = self.backend.get_added_tokens_decoder()
+        config: dict[str, Any] = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "add_bos_token": self.add_bos_token,
+            "add_eos_token": self.add_eos_token,
+            "clean_up_tokenization_spaces": False,
+            "added_tokens_decoder": {
+                str(i): {
+                    "content": t.content,
+                    "lstrip": t.lstrip,
+                    "normalized": t.normalized,
+                    "rstrip": t.rstrip,
+                    "single_word": t.single_word,
+                    "special": t.special,
+                }
+                for i, t in sorted(added.items())
+            },
+        }
+        for name, token_id in (
+            ("bos_token", self.bos_token_id),
+            ("eos_token", self.eos_token_id),
+            ("unk_token", self.unk_token_id),
+            ("pad_token", self.pad_token_id),
+        ):
+            config[name] = self.id_to_token(token_id) if token_id is not None else None
+        named = {self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id}
+        config["additional_special_tokens"] = [
+            t.content for i, t in sorted(added.items()) if t.special and i not in named
+        ]
+        if self.model_max_length:
+            config["model_max_length"] = self.model_max_length
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    # ------------------------------------------------------------------ use
+    @property
+    def vocab_size(self) -> int:
+        """Number of token ids, added tokens included."""
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def bos_token(self) -> str | None:
+        return self.id_to_token(self.bos_token_id) if self.bos_token_id is not None else None
+
+    @property
+    def eos_token(self) -> str | None:
+        return self.id_to_token(self.eos_token_id) if self.eos_token_id is not None else None
+
+    @property
+    def all_special_ids(self) -> frozenset[int]:
+        """Ids of special (control) tokens: dropped by ``decode(..., skip_special_tokens=True)``."""
+        return self._special_ids
+
+    @property
+    def special_tokens(self) -> dict[str, int]:
+        """Special token text -> id."""
+        return {self.backend.id_to_token(i): i for i in sorted(self._special_ids)}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Token ids of ``text``.
+
+        ``add_special_tokens`` adds BOS/EOS when the model asks for them (``add_bos_token``);
+        special token *text* such as ``<|im_start|>`` always maps to its single id, which chat
+        templates rely on. Chat prompts that already contain the BOS text should be encoded with
+        ``add_special_tokens=False`` (see :func:`metal_marlin.generate.chat.encode_chat`).
+        """
+        ids = self.backend.encode(text, add_special_tokens=add_special_tokens).ids
+        if add_special_tokens and self.add_bos_token and self.bos_token_id is not None:
+            if not ids or ids[0] != self.bos_token_id:  # tokenizer.json without a BOS template
+                ids = [self.bos_token_id, *ids]
+        return ids
+
+    def encode_batch(self, texts: Sequence[str], add_special_tokens: bool = True) -> list[list[int]]:
+        """Encode many texts (tokenizers parallelises this)."""
+        return [e.ids for e in self.backend.encode_batch(list(texts), add_special_tokens=add_special_tokens)]
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; invalid UTF-8 byte runs become U+FFFD."""
+        return self.backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, token_id: int) -> str | None:
+        return self.backend.id_to_token(token_id)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.backend.token_to_id(token)
+
+    def __len__(self) -> int:
+        return self.vocab_size
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer(vocab_size={self.vocab_size}, bos={self.bos_token!r}, eos={self.eos_token!r}, "
+            f"eos_token_ids={sorted(self.eos_token_ids)}, chat_template={self.chat_template is not None})"
+        )
+
+
+def _post_processor(tokens: Sequence[str], bos: int | None, eos: int | None) -> Any:
+    """BOS/EOS insertion as a template, so a saved ``tokenizer.json`` does it in any runtime."""
+    if bos is None and eos is None:
+        return processors.ByteLevel(trim_offsets=False)
+    pre = f"{tokens[bos]}:0 " if bos is not None else ""
+    post = f" {tokens[eos]}:0" if eos is not None else ""
+    pre_b = f" {tokens[bos]}:1" if bos is not None else ""
+    post_b = f" {tokens[eos]}:1" if eos is not None else ""
+    specials = [(tokens[i], i) for i in dict.fromkeys(x for x in (bos, eos) if x is not None)]
+    return processors.TemplateProcessing(
+        single=f"{pre}$A:0{post}",
+        pair=f"{pre}$A:0{post}{pre_b} $B:1{post_b}",
+        special_tokens=specials,
+    )
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        return {}
+    data = json.loads(path.read_text(encoding="utf-8"))
+    return data if isinstance(data, dict) else {}
