@@ -197,8 +197,17 @@ class Tokenizer:
         return cls.from_gguf_metadata(metadata)
 
     @classmethod
-    def from_gguf_metadata(cls, md: Mapping[str, Any]) -> Tokenizer:
-        """Build from GGUF metadata as a plain dict (see :func:`read_gguf_metadata`)."""
+    def from_gguf_metadata(cls, md: Mapping[str, Any], *, chat_template: str | None = None) -> Tokenizer:
+        """Build from GGUF metadata as a plain dict (see :func:`read_gguf_metadata`).
+
+        Keys may be spelled as in the file (``tokenizer.ggml.tokens``) or with the
+        ``tokenizer.ggml.`` prefix stripped, as the checkpoint loader returns them in
+        ``metadata["gguf_tokenizer"]`` (then pass ``chat_template`` separately).
+        """
+        if "tokenizer.ggml.model" not in md and "tokens" in md:
+            md = {f"tokenizer.ggml.{k}": v for k, v in md.items()}
+        if chat_template is not None:
+            md = {**md, "tokenizer.chat_template": chat_template}
         model = md.get("tokenizer.ggml.model")
         if model != "gpt2":
             raise ValueError(

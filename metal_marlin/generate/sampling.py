@@ -13,16 +13,21 @@ Per step and per row, the :class:`Sampler` does, in this order:
 3. Presence / frequency penalties as in OpenAI, on *generated* tokens only:
    ``logit[t] -= frequency_penalty * count[t] + presence_penalty * (count[t] > 0)``.
 4. Logprobs are taken here: the log-softmax of these processed logits, before temperature and
-   truncation. That is the model's distribution as adjusted by the request, the same quantity
-   for every temperature, and what OpenAI and vLLM (``processed_logprobs`` aside) report.
+   truncation. That is the model's distribution as adjusted by the request (a banned token
+   really shows as impossible) and the same quantity at every temperature, so logprobs of
+   greedy and sampled runs compare; after truncation most alternatives would be -inf.
 5. Temperature (0 means greedy: argmax of the processed logits), then ``top_k``, ``top_p``
    (nucleus on the distribution left by ``top_k``) and ``min_p`` (keep tokens whose
    probability is at least ``min_p`` times the most likely one's), then a categorical draw.
 
 Randomness is per row: each sequence owns a PRNG key, from ``mx.random.key(seed)`` (a random
-seed when none is given), split once per step. Draws use the Gumbel-max trick with noise from
-the row's own key indexed by token id, so a row's tokens never depend on what else shares the
-batch or on which other rows needed sorting.
+seed when none is given, recorded in :attr:`SamplingState.seed`), split once per step. Draws
+use the Gumbel-max trick with noise from the row's own key, and the code path a row takes
+(see :class:`Sampler`) is chosen from its own params and logits only, so a row's tokens never
+depend on what else shares the batch.
+
+Logprobs cost a log-softmax over the vocabulary, so they are computed only for rows that ask
+(``logprobs`` not None; 0 means "the chosen token's logprob, no alternatives").
 """
 
 from __future__ import annotations
@@ -178,14 +183,49 @@ class SampleOutput:
     """Per-row results of one step, as Python values (the caller needs them on the host)."""
 
     tokens: list[int]
-    #: Log-probability of each chosen token under the processed distribution (see module doc).
-    logprobs: list[float]
+    #: Log-probability of each chosen token under the processed distribution (see module
+    #: doc); None for rows whose params.logprobs is None (it costs a pass over the vocab).
+    logprobs: list[float | None]
     #: Per row: the ``params.logprobs`` most likely (token, logprob), best first, or None.
     top_logprobs: list[list[tuple[int, float]] | None]
 
 
+def _row_take(x: mx.array, rows: list[int], batch: int) -> mx.array:
+    import mlx.core as mx
+
+    return x if len(rows) == batch else x[mx.array(rows)]
+
+
+def _gumbel(keys: mx.array, width: int) -> mx.array:
+    """Gumbel noise ``[n, width]``, row i drawn from ``keys[i]`` alone."""
+    import mlx.core as mx
+
+    return mx.vmap(lambda k: mx.random.gumbel((width,), key=k))(keys)
+
+
+def _truncates_by_rank(p: SamplingParams, vocab: int) -> bool:
+    return p.temperature > 0 and (0 < p.top_k < vocab or p.top_p < 1.0)
+
+
 class Sampler:
-    """Pick the next token for every row of a batch of logits ``[B, V]``."""
+    """Pick the next token for every row of a batch of logits ``[B, V]``.
+
+    Rows take one of three paths, chosen from their own params and logits only (never from
+    the rest of the batch, so batching does not change a seeded row's tokens):
+
+    - greedy (temperature 0): argmax;
+    - no top_k/top_p: Gumbel-max over the whole vocabulary (min_p is a threshold on it);
+    - top_k/top_p: rank only the ``candidates`` best tokens (a partition plus a small sort)
+      instead of sorting the vocabulary, which on a CPU costs ~10x more. This is exact when
+      the truncated set lies inside the candidates: always for ``top_k <= candidates``, and
+      for top_p when the candidates hold at least ``top_p`` of the probability; otherwise
+      the row is redone with a full sort.
+    """
+
+    def __init__(self, candidates: int = 1024) -> None:
+        if candidates < 1:
+            raise ValueError(f"candidates must be >= 1, got {candidates}")
+        self.candidates = candidates
 
     def __call__(
         self, logits: mx.array, states: Sequence[SamplingState], *, update: bool = True
@@ -209,48 +249,53 @@ class Sampler:
                 raise ValueError(f"logit_bias token id {over[0]} is outside the vocabulary ({vocab}) in row {r}")
         params = [st.params for st in states]
         x = self.process_logits(logits.astype(mx.float32), states)
-        logprobs = x - mx.logsumexp(x, axis=-1, keepdims=True)
 
-        # Keys: split every row's key every step, greedy or not, so a row's stream of
-        # randomness depends only on its own seed and step count.
+        # Split every row's key every step, greedy or not, so a row's stream of randomness
+        # depends only on its own seed and step count.
         split = mx.vmap(mx.random.split)(mx.stack([st.key for st in states]))  # [B, 2, 2]
         next_keys, step_keys = split[:, 0], split[:, 1]
 
-        temps = mx.array([p.temperature for p in params], dtype=mx.float32)
-        greedy_tok = mx.argmax(x, axis=-1)
-        if all(p.temperature == 0 for p in params):
-            tokens = greedy_tok
-        else:
-            scaled = x / mx.where(temps == 0, 1.0, temps)[:, None]
-            keep = self._truncation_mask(scaled, params)
-            noise = mx.vmap(lambda k: mx.random.gumbel((vocab,), key=k))(step_keys)
-            masked = mx.where(keep, scaled, -mx.inf) if keep is not None else scaled
-            drawn = mx.argmax(masked + noise, axis=-1)
-            tokens = mx.where(temps == 0, greedy_tok, drawn)
-        tokens = tokens.astype(mx.int32)
-        chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+        groups: list[tuple[list[int], mx.array]] = []
+        greedy = [r for r, p in enumerate(params) if p.temperature == 0]
+        plain = [r for r, p in enumerate(params) if p.temperature > 0 and not _truncates_by_rank(p, vocab)]
+        ranked = [r for r, p in enumerate(params) if _truncates_by_rank(p, vocab)]
+        if greedy:
+            groups.append((greedy, mx.argmax(_row_take(x, greedy, batch), axis=-1)))
+        if plain:
+            groups.append((plain, self._sample_plain(x, plain, params, step_keys)))
+        if ranked:
+            groups.extend(self._sample_ranked(x, ranked, params, step_keys))
+        order = [r for rows, _ in groups for r in rows]
+        tokens = mx.concatenate([t.astype(mx.int32) for _, t in groups])
+        if order != list(range(batch)):
+            inverse = sorted(range(batch), key=order.__getitem__)
+            tokens = tokens[mx.array(inverse)]
 
+        lp_rows = [r for r, p in enumerate(params) if p.logprobs is not None]
         n_top = max((p.logprobs or 0) for p in params)
-        top_idx = top_val = None
-        if n_top:
-            top_idx = mx.argpartition(-logprobs, kth=n_top - 1, axis=-1)[:, :n_top]
-            top_val = mx.take_along_axis(logprobs, top_idx, axis=-1)
-            mx.eval(tokens, chosen, next_keys, top_idx, top_val)
-        else:
-            mx.eval(tokens, chosen, next_keys)
+        chosen = top_idx = top_val = None
+        if lp_rows:
+            logprobs = x - mx.logsumexp(x, axis=-1, keepdims=True)
+            chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+            if n_top:
+                top_idx = mx.argpartition(-logprobs, kth=n_top - 1, axis=-1)[:, :n_top]
+                top_val = mx.take_along_axis(logprobs, top_idx, axis=-1)
+        mx.eval(tokens, next_keys, *(a for a in (chosen, top_idx, top_val) if a is not None))
 
         token_list = tokens.tolist()
-        out = SampleOutput(tokens=token_list, logprobs=chosen.tolist(), top_logprobs=[None] * batch)
-        if top_idx is not None and top_val is not None:
-            idx_rows, val_rows = top_idx.tolist(), top_val.tolist()
-            for r, p in enumerate(params):
-                if p.logprobs:
+        out = SampleOutput(tokens=token_list, logprobs=[None] * batch, top_logprobs=[None] * batch)
+        if chosen is not None:
+            chosen_list = chosen.tolist()
+            idx_rows = top_idx.tolist() if top_idx is not None else None
+            val_rows = top_val.tolist() if top_val is not None else None
+            for r in lp_rows:
+                out.logprobs[r] = chosen_list[r]
+                n = params[r].logprobs or 0
+                if n and idx_rows is not None and val_rows is not None:
                     pairs = sorted(zip(idx_rows[r], val_rows[r]), key=lambda iv: (-iv[1], iv[0]))
-                    out.top_logprobs[r] = pairs[: p.logprobs]
-                elif p.logprobs == 0:
+                    out.top_logprobs[r] = pairs[:n]
+                else:
                     out.top_logprobs[r] = []
-        else:
-            out.top_logprobs = [[] if p.logprobs == 0 else None for p in params]
         if update:
             for r, st in enumerate(states):
                 st.key = next_keys[r]
@@ -304,31 +349,95 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _truncation_mask(scaled: mx.array, params: Sequence[SamplingParams]) -> mx.array | None:
-        """Tokens that survive top_k, then top_p, then min_p; None when no row truncates."""
+    def _column(values: list[float], dtype: Any = None) -> mx.array:
         import mlx.core as mx
 
-        vocab = scaled.shape[-1]
-        needs_sort = any((0 < p.top_k < vocab) or p.top_p < 1.0 for p in params)
-        needs_min_p = any(p.min_p > 0 for p in params)
-        if not (needs_sort or needs_min_p):
-            return None
-        # log(min_p) relative to the best logit; min_p = 0 -> -inf keeps everything.
-        log_min_p = mx.array(
-            [math.log(p.min_p) if p.min_p > 0 else -math.inf for p in params], dtype=mx.float32
-        )[:, None]
-        if not needs_sort:
-            return scaled >= mx.max(scaled, axis=-1, keepdims=True) + log_min_p
+        return mx.array(values, dtype=dtype or mx.float32)[:, None]
 
-        order = mx.argsort(-scaled, axis=-1)
-        ranked = mx.take_along_axis(scaled, order, axis=-1)  # descending
-        rank = mx.arange(vocab)[None, :]
-        top_k = mx.array([p.top_k if 0 < p.top_k < vocab else vocab for p in params])[:, None]
-        keep = rank < top_k
-        top_p = mx.array([p.top_p for p in params], dtype=mx.float32)[:, None]
-        probs = mx.softmax(mx.where(keep, ranked, -mx.inf), axis=-1)
-        mass_before = mx.cumsum(probs, axis=-1) - probs
-        # The most likely token always survives; top_p = 1 must not drop a float-rounded tail.
-        keep = keep & ((mass_before < top_p) | (top_p >= 1.0) | (rank == 0))
-        keep = keep & (ranked >= ranked[:, :1] + log_min_p)
-        return mx.put_along_axis(mx.zeros(scaled.shape, dtype=mx.bool_), order, keep, axis=-1)
+    def _sample_plain(
+        self, x: mx.array, rows: list[int], params: Sequence[SamplingParams], keys: mx.array
+    ) -> mx.array:
+        """Temperature (and min_p) over the whole vocabulary, noise indexed by token id."""
+        import mlx.core as mx
+
+        sub = _row_take(x, rows, x.shape[0])
+        scaled = sub / self._column([params[r].temperature for r in rows])
+        if any(params[r].min_p > 0 for r in rows):
+            floor = self._column([math.log(params[r].min_p) if params[r].min_p > 0 else -math.inf for r in rows])
+            scaled = mx.where(scaled >= mx.max(scaled, axis=-1, keepdims=True) + floor, scaled, -mx.inf)
+        noise = _gumbel(_row_take(keys, rows, x.shape[0]), x.shape[1])
+        return mx.argmax(scaled + noise, axis=-1)
+
+    def _sample_ranked(
+        self, x: mx.array, rows: list[int], params: Sequence[SamplingParams], keys: mx.array
+    ) -> list[tuple[list[int], mx.array]]:
+        """top_k / top_p / min_p rows: candidates first, full sort for rows they don't cover."""
+        import mlx.core as mx
+
+        vocab = x.shape[1]
+        width = min(self.candidates, vocab)
+        fits = [r for r in rows if params[r].top_k <= width or params[r].top_k >= vocab]
+        full = [r for r in rows if r not in fits]
+        out: list[tuple[list[int], mx.array]] = []
+        if fits and width < vocab:
+            tokens, covered = self._rank_and_draw(x, fits, params, keys, width)
+            if any(params[r].top_k == 0 or params[r].top_k >= vocab for r in fits):
+                mx.eval(covered)  # a host decision: which rows need the full sort
+                ok = covered.tolist()
+                full += [r for r, c in zip(fits, ok) if not c]
+                kept = [i for i, c in enumerate(ok) if c]
+                if len(kept) < len(fits):
+                    fits = [fits[i] for i in kept]
+                    tokens = tokens[mx.array(kept)] if kept else tokens
+            if fits:
+                out.append((fits, tokens))
+        else:
+            full += fits
+        if full:
+            out.append((full, self._rank_and_draw(x, full, params, keys, vocab)[0]))
+        return out
+
+    def _rank_and_draw(
+        self, x: mx.array, rows: list[int], params: Sequence[SamplingParams], keys: mx.array, width: int
+    ) -> tuple[mx.array, mx.array]:
+        """Draw from the ``width`` best tokens; return (tokens, whether top_p was covered).
+
+        Probabilities are normalised over the top_k set (all inside the candidates) or, without
+        top_k, over the whole vocabulary, so top_p's cut is the same as with a full sort.
+        """
+        import mlx.core as mx
+
+        batch, vocab = x.shape
+        ps = [params[r] for r in rows]
+        scaled = _row_take(x, rows, batch) / self._column([p.temperature for p in ps])
+        if width >= vocab:
+            idx = mx.argsort(-scaled, axis=-1)
+        else:
+            cand = mx.argpartition(-scaled, kth=width - 1, axis=-1)[:, :width]
+            idx = mx.take_along_axis(cand, mx.argsort(-mx.take_along_axis(scaled, cand, axis=-1), axis=-1), axis=-1)
+        ranked = mx.take_along_axis(scaled, idx, axis=-1)  # descending
+        rank = mx.arange(width)[None, :]
+        top_k = [p.top_k if 0 < p.top_k < vocab else 0 for p in ps]
+        k_col = self._column([k or vocab for k in top_k], mx.int32)
+        keep = rank < k_col
+        if all(top_k):
+            lse = mx.logsumexp(mx.where(keep, ranked, -mx.inf), axis=-1, keepdims=True)
+        elif not any(top_k):
+            lse = mx.logsumexp(scaled, axis=-1, keepdims=True)
+        else:
+            lse = mx.where(
+                self._column([1.0 if k else 0.0 for k in top_k]) > 0,
+                mx.logsumexp(mx.where(keep, ranked, -mx.inf), axis=-1, keepdims=True),
+                mx.logsumexp(scaled, axis=-1, keepdims=True),
+            )
+        probs = mx.where(keep, mx.exp(ranked - lse), 0.0)
+        cum = mx.cumsum(probs, axis=-1)
+        top_p = self._column([p.top_p for p in ps])
+        # The best token always survives; top_p = 1 must not drop a float-rounded tail.
+        keep = keep & ((cum - probs < top_p) | (top_p >= 1.0) | (rank == 0))
+        floor = self._column([math.log(p.min_p) if p.min_p > 0 else -math.inf for p in ps])
+        keep = keep & (ranked >= ranked[:, :1] + floor)
+        covered = (k_col[:, 0] < vocab) | (top_p[:, 0] >= 1.0) | (cum[:, -1] >= top_p[:, 0])
+        noise = _gumbel(_row_take(keys, rows, batch), width)
+        pick = mx.argmax(mx.where(keep, ranked, -mx.inf) + noise, axis=-1)
+        return mx.take_along_axis(idx, pick[:, None], axis=-1)[:, 0], covered
