@@ -61,28 +61,36 @@ class OutputError:
         return _to_float(value) / (self.n_tokens * delta.shape[0])
 
     def group_grams(self, group_size: int) -> Any:
-        """``[in/group, group, group]`` diagonal blocks of ``x.T @ x``."""
+        """``[in/group, group, group]`` diagonal blocks of ``x.T @ x`` (cached)."""
         if group_size not in self._group_grams:
+            xp = self.xp
             n_groups = self.in_features // group_size
-            xg = self._x.reshape(self.n_tokens, n_groups, group_size).transpose(1, 0, 2)
-            grams = xg.transpose(0, 2, 1) @ xg
+            if self._use_gram:  # slice the blocks out of the Gram matrix we already have
+                grams = xp.stack(
+                    [self._gram[g * group_size : (g + 1) * group_size, g * group_size : (g + 1) * group_size] for g in range(n_groups)]
+                )
+            else:
+                xg = self._x.reshape(self.n_tokens, n_groups, group_size).transpose(1, 0, 2)
+                grams = xg.transpose(0, 2, 1) @ xg
             self._group_grams[group_size] = grams
         return self._group_grams[group_size]
 
-    def per_group(self, delta: Any, group_size: int, inv_scale: Any) -> Any:
+    def scaled_group_grams(self, group_size: int, inv_scale: Any) -> Any:
+        """Gram blocks of the inputs the scaled weights meet, ``x / s`` (``inv_scale = 1/s``)."""
+        inv = inv_scale.reshape(self.in_features // group_size, group_size)
+        return self.group_grams(group_size) * inv[:, :, None] * inv[:, None, :]
+
+    def per_group(self, delta: Any, grams: Any) -> Any:
         """Output squared error contributed by each group alone: ``[out, in/group]``.
 
-        ``delta`` is in the *scaled* space (weights multiplied by ``s``), so the inputs it
-        meets are ``x / s``; ``inv_scale`` is ``1/s`` and rescales the Gram blocks.
-        Cross-group terms are ignored, as in AWQ's clip search; the caller checks the
-        total error before accepting clipping.
+        ``delta`` is in the *scaled* space (weights multiplied by ``s``) and ``grams`` come
+        from :meth:`scaled_group_grams`. Cross-group terms are ignored, as in AWQ's clip
+        search; the caller checks the total error before accepting clipping.
         """
         xp = self.xp
-        out_features, in_features = delta.shape
-        n_groups = in_features // group_size
-        inv = inv_scale.reshape(n_groups, group_size)
-        grams = self.group_grams(group_size) * inv[:, :, None] * inv[:, None, :]
-        d = delta.reshape(out_features, n_groups, group_size).transpose(1, 0, 2)  # [g, out, gs]
+        n_groups, group_size, _ = grams.shape
+        out_features = delta.shape[0]
+        d = delta.reshape(out_features, n_groups, group_size).transpose(1, 0, 2)  # [groups, out, gs]
         err = xp.sum((d @ grams) * d, axis=-1)  # [groups, out]
         return err.T
 
@@ -195,12 +203,12 @@ def search_clip(
     Returns ``[out, in/group]`` float32 ratios for :func:`metal_marlin.quant.affine_params`.
     """
     ws = w * (s * keep)[None, :]
-    inv_s = 1.0 / s
+    grams = error.scaled_group_grams(spec.group_size, 1.0 / s)
     best_err = None
     best_ratio = None
     for ratio in clip_ratios_grid(n_grid, max_shrink):
         delta = fake_quantize(ws, spec, xp, ratio) - ws
-        err = error.per_group(delta, spec.group_size, inv_s)
+        err = error.per_group(delta, grams)
         if best_err is None:
             best_err, best_ratio = err, xp.full(err.shape, ratio, dtype=xp.float32)
         else:

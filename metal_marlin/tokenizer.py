@@ -457,3 +457,18 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
     data = json.loads(path.read_text(encoding="utf-8"))
     return data if isinstance(data, dict) else {}
+
+
+def load_tokenizer(model_path: str | Path | None) -> Tokenizer:
+    """The tokenizer of a model: a GGUF's metadata, or a folder's tokenizer files.
+
+    ``None`` means the built-in SmolLM2 GGUF.
+    """
+    from metal_marlin.assets import builtin_model_path
+
+    path = builtin_model_path() if model_path is None else Path(model_path)
+    if path.is_file():
+        return Tokenizer.from_gguf(path)
+    if path.is_dir():
+        return Tokenizer.from_folder(path)
+    raise FileNotFoundError(f"model path not found: {path}")

@@ -70,7 +70,9 @@ def hf_name(gguf_name: str) -> str:
     if m and m.group(1) in _GLOBAL_NAMES:
         return f"{_GLOBAL_NAMES[m.group(1)]}.{m.group(2)}"
     if gguf_name.startswith("rope_freqs"):
-        raise ValueError("GGUF tensor 'rope_freqs' (Llama 3 RoPE frequency factors) is not supported")
+        raise ValueError(
+            "GGUF tensor 'rope_freqs' (Llama 3 RoPE frequency factors) is not supported"
+        )
     raise ValueError(f"unsupported GGUF tensor {gguf_name!r} for the llama architecture")
 
 

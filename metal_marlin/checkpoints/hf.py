@@ -60,7 +60,9 @@ def read_hf_weights(folder: str | Path) -> dict[str, mx.array]:
     weights: dict[str, mx.array] = {}
     for file in files:
         if not file.is_file():
-            raise FileNotFoundError(f"{folder}: shard {file.name} listed in {INDEX_NAME} is missing")
+            raise FileNotFoundError(
+                f"{folder}: shard {file.name} listed in {INDEX_NAME} is missing"
+            )
         for key, value in mx.load(str(file)).items():
             if key in weights:
                 raise ValueError(f"{folder}: tensor {key!r} appears in more than one shard")
@@ -70,7 +72,9 @@ def read_hf_weights(folder: str | Path) -> dict[str, mx.array]:
         with open(index, encoding="utf-8") as f:
             missing = set(json.load(f)["weight_map"]) - set(weights)
         if missing:
-            raise ValueError(f"{folder}: tensors listed in {INDEX_NAME} not found: {sorted(missing)[:5]}")
+            raise ValueError(
+                f"{folder}: tensors listed in {INDEX_NAME} not found: {sorted(missing)[:5]}"
+            )
     return weights
 
 

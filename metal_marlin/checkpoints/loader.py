@@ -50,11 +50,15 @@ def build_model(
     provided and every tensor used, so a wrong checkpoint fails here, not at inference.
     """
     model = LlamaModel(config)
-    tensors = {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in model.sanitize(weights).items()}
+    tensors = {
+        k: v if isinstance(v, mx.array) else mx.array(v)
+        for k, v in model.sanitize(weights).items()
+    }
     if quantization is not None or any(k.endswith(".scales") for k in tensors):
         quantize_model_layers(model, dict(quantization or {}), tensors)
     tensors = {
-        k: v.astype(dtype) if _is_floating(v) and v.dtype != dtype else v for k, v in tensors.items()
+        k: v.astype(dtype) if _is_floating(v) and v.dtype != dtype else v
+        for k, v in tensors.items()
     }
     model.load_weights(list(tensors.items()), strict=True)
     mx.eval(model.parameters())

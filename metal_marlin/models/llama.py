@@ -185,7 +185,9 @@ class LlamaConfig:
         return dataclasses.replace(self, **changes)
 
 
-def rope_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] | None) -> mx.array | None:
+def rope_frequencies(
+    head_dim: int, theta: float, scaling: Mapping[str, Any] | None
+) -> mx.array | None:
     """Per-pair wavelengths (MLX's ``freqs``: angle = position / freq) for llama3 scaling.
 
     Returns None when plain ``base``/``scale`` suffice (no scaling, or linear scaling).
@@ -201,10 +203,11 @@ def rope_frequencies(head_dim: int, theta: float, scaling: Mapping[str, Any] | N
     inv_freq = theta ** (-np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     wavelen = 2 * math.pi / inv_freq
     smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     scaled = np.where(
         wavelen > old_len / low,
         inv_freq / factor,
-        np.where(wavelen < old_len / high, inv_freq, (1 - smooth) * inv_freq / factor + smooth * inv_freq),
+        np.where(wavelen < old_len / high, inv_freq, blended),
     )
     return mx.array((1.0 / scaled).astype(np.float32))
 

@@ -1,0 +1,162 @@
+"""``metal-marlin``: one command line for every job.
+
+User mistakes (bad flags, missing files, shapes that do not fit) print one line
+``metal-marlin: error: ...`` and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+from metal_marlin.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
+
+USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """The seed's flags (scripts/quantize_awq.py) plus bits and calibration size."""
+    parser.add_argument("--model-path", default=None, help="GGUF file or Hugging Face folder (default: built-in SmolLM2-135M-Instruct)")
+    parser.add_argument("--output-path", required=True, help="folder to write the quantized model to")
+    parser.add_argument("--activations-path", default=None, help="activations.npz from `metal-marlin collect` (default: built-in Wikipedia calibration text)")
+    parser.add_argument("--text", dest="text_path", default=None, help="calibrate on this UTF-8 text file instead of Wikipedia")
+    parser.add_argument("--group-size", type=int, default=128, help="quantization group size: 32, 64, 128, 256 (SmolLM2 needs 32 or 64)")
+    parser.add_argument("--salient-ratio", type=float, default=0.01, help="fraction of input channels kept in fp16 (0 = pure int4, loadable by mlx-lm)")
+    parser.add_argument("--activation-method", choices=("mean", "max", "rms"), default="rms")
+    parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
+    parser.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES)
+    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
+    parser.add_argument("--n-grid", type=int, default=20, help="alpha grid points of the scale search")
+    parser.add_argument("--duo-scaling", action="store_true", help="AutoAWQ's weight-normalised scales")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_quantize(args: argparse.Namespace) -> int:
+    from metal_marlin.pipeline import awq_quantize_model
+
+    stats = awq_quantize_model(
+        args.model_path,
+        args.output_path,
+        activations_path=args.activations_path,
+        group_size=args.group_size,
+        salient_ratio=args.salient_ratio,
+        activation_method=args.activation_method,
+        verbose=not args.quiet,
+        bits=args.bits,
+        n_samples=args.n_samples,
+        seq_len=args.seq_len,
+        text_path=args.text_path,
+        n_grid=args.n_grid,
+        duo_scaling=args.duo_scaling,
+    )
+    print(
+        f"wrote {args.output_path}: {stats['bits']}-bit g{stats['group_size']}, "
+        f"{stats['bits_per_weight']:.3f} bits/weight, {stats['blocks_awq']} blocks AWQ / "
+        f"{stats['blocks_rtn']} round-to-nearest, {stats['total_time_s']:.1f} s"
+    )
+    return 0
+
+
+def run_collect(args: argparse.Namespace) -> int:
+    import mlx.core as mx
+    import numpy as np
+
+    from metal_marlin.calibration import CalibrationBatch, calibration_tokens, save_activations
+    from metal_marlin.checkpoints.loader import load_builtin_model, load_model
+    from metal_marlin.tokenizer import load_tokenizer
+
+    ids = calibration_tokens(load_tokenizer(args.model_path), args.n_samples, args.seq_len, args.text_path)
+    hidden = None
+    if args.hidden_states:
+        model = (load_builtin_model() if args.model_path is None else load_model(args.model_path)).model
+        hidden = np.array(model.model.embed_tokens(mx.array(ids)).astype(mx.float32))
+    save_activations(args.output, CalibrationBatch(ids, hidden))
+    print(f"wrote {args.output}: {ids.shape[0]} samples x {ids.shape[1]} tokens" + (" + hidden states" if hidden is not None else ""))
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from metal_marlin.eval import evaluate_model
+
+    result = evaluate_model(args.model, args.window, args.max_windows, args.text_path, args.batch_size)
+    print(json.dumps(result.as_dict(), indent=1))
+    return 0
+
+
+def run_generate_command(args: argparse.Namespace) -> int:
+    from metal_marlin.generate.cli import run_generate
+
+    return run_generate(
+        model=args.model,
+        prompt=args.prompt,
+        chat=args.chat,
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="metal-marlin", description="AWQ quantization and int4 serving on MLX")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    quantize = sub.add_parser("quantize", help="AWQ-quantize a model into an MLX-layout folder")
+    add_quantize_arguments(quantize)
+    quantize.set_defaults(func=run_quantize)
+
+    collect = sub.add_parser("collect", help="write calibration inputs to activations.npz")
+    collect.add_argument("--model-path", default=None)
+    collect.add_argument("--output", required=True, help="path of the .npz to write")
+    collect.add_argument("--text", dest="text_path", default=None)
+    collect.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES)
+    collect.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
+    collect.add_argument("--hidden-states", action="store_true", help="also store the first block's input")
+    collect.set_defaults(func=run_collect)
+
+    evaluate = sub.add_parser("eval", help="perplexity on held-out Wikipedia (or --text)")
+    evaluate.add_argument("--model", default=None, help="model path (default: built-in SmolLM2)")
+    evaluate.add_argument("--text", dest="text_path", default=None)
+    evaluate.add_argument("--window", type=int, default=512)
+    evaluate.add_argument("--max-windows", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=int, default=4)
+    evaluate.set_defaults(func=run_eval)
+
+    generate = sub.add_parser("generate", help="generate text, streaming to the terminal")
+    generate.add_argument("--model", default=None, help="model path (default: built-in SmolLM2)")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--max-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0)
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=None)
+    generate.set_defaults(func=run_generate_command)
+
+    for register in EXTRA_COMMANDS:
+        register(sub)
+    return parser
+
+
+EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
+"""Subcommands registered by other layers (service, formats) without this module importing them."""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("metal-marlin: interrupted", file=sys.stderr)
+        return 130
+    except USER_ERRORS as exc:
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"metal-marlin: error: {message}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""Perplexity over fixed, non-overlapping windows of held-out text.
+
+Windows are cut from the tokenized held-out Wikipedia split (or a given text file) at
+fixed offsets, so every model evaluated on the same tokenizer sees exactly the same
+windows; each window predicts its tokens 2..N from the preceding ones (no context
+carried across windows).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+import numpy as np
+
+from metal_marlin.calibration import token_stream, wikipedia_text
+
+DEFAULT_WINDOW = 512
+
+
+@dataclass
+class PerplexityResult:
+    perplexity: float
+    mean_nll: float
+    n_windows: int
+    n_predicted_tokens: int
+    window: int
+    source: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def evaluation_windows(
+    tokenizer: Any, window: int = DEFAULT_WINDOW, max_windows: int | None = None, text_path: str | Path | None = None
+) -> tuple[np.ndarray, str]:
+    """``int32 [n_windows, window]`` from the held-out split or ``text_path``."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 2:
+        raise ValueError(f"window must be an integer >= 2, got {window!r}")
+    if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
+        raise ValueError(f"max_windows must be a positive integer, got {max_windows!r}")
+    if text_path is None:
+        documents, source = wikipedia_text("evaluation"), "held-out Wikipedia split"
+    else:
+        path = Path(text_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"evaluation text file not found: {path}")
+        documents, source = [path.read_text(encoding="utf-8")], str(path)
+    limit = None if max_windows is None else max_windows * window
+    stream = token_stream(tokenizer, documents, limit)
+    n = stream.size // window if max_windows is None else min(max_windows, stream.size // window)
+    if n == 0:
+        raise ValueError(f"{source} has {stream.size} tokens, fewer than one window of {window}")
+    return stream[: n * window].reshape(n, window), source
+
+
+def perplexity(
+    model: Callable[[mx.array], mx.array],
+    windows: np.ndarray,
+    source: str = "",
+    batch_size: int = 4,
+) -> PerplexityResult:
+    """exp(mean negative log-likelihood) of ``windows`` under ``model`` (logits [B, L, V])."""
+    total_nll = 0.0
+    count = 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = mx.array(windows[start : start + batch_size])
+        logits = model(batch[:, :-1]).astype(mx.float32)
+        targets = batch[:, 1:]
+        log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        nll = -mx.take_along_axis(log_probs, targets[..., None], axis=-1).squeeze(-1)
+        total_nll += float(mx.sum(nll).item())
+        count += int(targets.size)
+    mean = total_nll / count
+    return PerplexityResult(math.exp(mean), mean, int(windows.shape[0]), count, int(windows.shape[1]), source)
+
+
+def evaluate_model(
+    model_path: str | Path | None,
+    window: int = DEFAULT_WINDOW,
+    max_windows: int | None = None,
+    text_path: str | Path | None = None,
+    batch_size: int = 4,
+) -> PerplexityResult:
+    """Load a model (None = built-in SmolLM2) and measure its perplexity."""
+    from metal_marlin.checkpoints.loader import load_builtin_model, load_model
+    from metal_marlin.tokenizer import load_tokenizer
+
+    windows, source = evaluation_windows(load_tokenizer(model_path), window, max_windows, text_path)
+    model = (load_builtin_model() if model_path is None else load_model(model_path)).model
+    return perplexity(model, windows, source, batch_size)

@@ -1,0 +1,542 @@
+"""Model-level AWQ: ``awq_quantize_model``, block by block.
+
+For each decoder block, on the *full-precision* block input:
+
+1. Run the block once, capturing the input of every group of linears that share one input
+   (``input_layernorm -> q,k,v``; ``v -> o`` when v and o have matching shapes;
+   ``post_attention_layernorm -> gate,up``; ``up -> down``) and the block output.
+2. Search each group's channel scales (``metal_marlin.search.search_scales``) by the summed
+   output error of the group's linears on the captured inputs.
+3. Fold: the previous op absorbs ``1/s`` (RMSNorm weight, or the output rows of the
+   previous linear), the group's weight columns absorb ``s``; the float function of the
+   block is unchanged.
+4. Clip-search every linear except q/k (attention logits are sensitive to clipping), and
+   quantize it with the one quantizer (``metal_marlin.quant``).
+5. Compare the block's output error (against the float block) with plain round-to-nearest
+   of the same block; keep whichever is lower.
+6. Feed the float block's output to the next block, so errors do not compound during
+   calibration.
+
+All search math is float32. Only one block's calibration activations live at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Callable, Literal, Sequence
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from metal_marlin.awq import ACTIVATION_METHODS, _check_salient_ratio, compute_activation_stats, find_salient_weights
+from metal_marlin.backends import compute_namespace
+from metal_marlin.calibration import (
+    DEFAULT_N_SAMPLES,
+    DEFAULT_SEQ_LEN,
+    CalibrationBatch,
+    calibration_tokens,
+    load_activations,
+)
+from metal_marlin.quant import QuantSpec, fake_quantize, quantize_tensor, to_mlx_scales_biases
+from metal_marlin.search import OutputError, fake_quantize_scaled, search_clip, search_scales
+
+ProgressFn = Callable[[dict[str, Any]], None]
+_CHUNK_SAMPLES = 8  # samples per forward chunk: bounds the attention score memory
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears that read the same input, and the op whose output that input is."""
+
+    name: str
+    capture_key: str  # key of DecoderBlock.capture()'s inputs
+    linears: tuple[str, ...]  # attribute paths inside the block
+    previous: str | None  # RMSNorm or linear that absorbs 1/s; None: no scaling possible
+
+
+def block_groups(block: nn.Module) -> list[LinearGroup]:
+    """The AWQ groups of a Llama-family block."""
+    attn = block.self_attn
+    groups = [
+        LinearGroup("attn_qkv", "attn_input", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+    ]
+    # v's output channels map one-to-one onto o's input channels only without GQA.
+    v_to_o = attn.v_proj.weight.shape[0] == attn.o_proj.weight.shape[1] and attn.n_kv_heads == attn.n_heads
+    groups.append(LinearGroup("attn_o", "o_proj_input", ("self_attn.o_proj",), "self_attn.v_proj" if v_to_o else None))
+    groups.append(LinearGroup("mlp_gate_up", "mlp_input", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"))
+    groups.append(LinearGroup("mlp_down", "down_proj_input", ("mlp.down_proj",), "mlp.up_proj"))
+    return groups
+
+
+def _module(block: nn.Module, path: str) -> nn.Module:
+    module = block
+    for part in path.split("."):
+        module = getattr(module, part)
+    return module
+
+
+def _to_np(array: mx.array) -> np.ndarray:
+    return np.array(array.astype(mx.float32))
+
+
+def _run_block(block: nn.Module, x: mx.array, capture: bool) -> tuple[mx.array, dict[str, np.ndarray]]:
+    """Block output for ``x [samples, L, D]`` in chunks, optionally with captured inputs."""
+    outputs: list[mx.array] = []
+    captured: dict[str, list[np.ndarray]] = {}
+    for start in range(0, x.shape[0], _CHUNK_SAMPLES):
+        chunk = x[start : start + _CHUNK_SAMPLES]
+        if capture:
+            out, inputs = block.capture(chunk)
+            mx.eval(out, inputs)
+            for key, value in inputs.items():
+                captured.setdefault(key, []).append(_to_np(value).reshape(-1, value.shape[-1]))
+        else:
+            out = block(chunk)
+            mx.eval(out)
+        outputs.append(out)
+    return mx.concatenate(outputs, axis=0), {k: np.concatenate(v) for k, v in captured.items()}
+
+
+def _block_mse(block: nn.Module, x: mx.array, reference: mx.array) -> float:
+    out, _ = _run_block(block, x, capture=False)
+    return float(mx.mean(mx.square(out.astype(mx.float32) - reference)).item())
+
+
+@dataclass
+class _LinearPlan:
+    path: str
+    scales: np.ndarray  # [in]
+    keep: np.ndarray  # [in] float32 0/1
+    clip_ratio: np.ndarray | None
+    salient_idx: np.ndarray
+    error: OutputError
+    stats: dict[str, Any]
+
+
+def _plan_group(
+    block: nn.Module,
+    group: LinearGroup,
+    x: np.ndarray,
+    spec: QuantSpec,
+    salient_ratio: float,
+    activation_method: str,
+    n_grid: int,
+    duo_scaling: bool,
+    use_awq: bool,
+    xp: ModuleType,
+    error: OutputError,
+) -> list[_LinearPlan]:
+    """Scale search + clip search for one group (``use_awq=False``: plain round-to-nearest)."""
+    weights = [_to_np(_module(block, p).weight) for p in group.linears]
+    in_features = x.shape[1]
+    stat = compute_activation_stats(x, activation_method)
+    salient_idx, _ = find_salient_weights(np.concatenate(weights).T, stat, salient_ratio)
+    keep_np = np.ones(in_features, np.float32)
+    keep_np[salient_idx] = 0.0
+    ws = [xp.array(w) for w in weights]
+    keep = xp.array(keep_np)
+    targets = [w * keep[None, :] for w in ws]
+
+    def loss(deltas: list[Any]) -> float:
+        return sum(error.total(d) * d.shape[0] for d in deltas) / sum(d.shape[0] for d in deltas)
+
+    if use_awq and group.previous is not None:
+        found = search_scales(ws, xp.array(stat), keep, spec, loss, n_grid=n_grid, duo_scaling=duo_scaling, xp=xp)
+        s, alpha, rtn_loss, awq_loss = found.scales, found.alpha, found.loss_rtn, found.loss
+    else:
+        s = xp.ones((in_features,), dtype=xp.float32)
+        alpha = 0.0
+        rtn_loss = awq_loss = loss([fake_quantize_scaled(w, s, keep, spec, xp) - t for w, t in zip(ws, targets)])
+
+    plans = []
+    for path, w, target in zip(group.linears, ws, targets):
+        clip_ratio = None
+        no_clip = error.total(fake_quantize_scaled(w, s, keep, spec, xp) - target)
+        final = no_clip
+        if use_awq and not path.endswith(("q_proj", "k_proj")):
+            candidate = search_clip(w, s, keep, spec, error, xp=xp)
+            clipped = error.total(fake_quantize_scaled(w, s, keep, spec, xp, candidate) - target)
+            if clipped < no_clip:
+                clip_ratio, final = np.array(candidate), clipped
+        rtn = error.total(fake_quantize(w, spec, xp) - w)
+        plans.append(
+            _LinearPlan(
+                path=path,
+                scales=np.array(s, dtype=np.float32),
+                keep=keep_np,
+                clip_ratio=clip_ratio,
+                salient_idx=salient_idx,
+                error=error,
+                stats={
+                    "group": group.name,
+                    "alpha": alpha,
+                    "clipped": clip_ratio is not None,
+                    "output_error": final,
+                    "rtn_output_error": rtn,
+                    "group_search_loss": awq_loss,
+                    "group_rtn_loss": rtn_loss,
+                    "salient_channels": [int(i) for i in salient_idx],
+                },
+            )
+        )
+    return plans
+
+
+def _set_param(module: nn.Module, name: str, value: np.ndarray, like: mx.array) -> None:
+    module.update({name: mx.array(value).astype(like.dtype)})
+
+
+def fold_scales(block: nn.Module, groups: Sequence[LinearGroup], scales: dict[str, np.ndarray]) -> None:
+    """Fold AWQ channel scales into the block, in float: the block's function is unchanged.
+
+    For a group with scales ``s``: its linears' weight columns are multiplied by ``s`` and the
+    previous op's output is divided by ``s`` (an RMSNorm's weight, or the output rows and
+    bias of the previous linear). All folds happen before any quantization, because a
+    group's previous op (``up_proj`` for ``down_proj``) belongs to another group.
+    """
+    for group in groups:
+        s = scales.get(group.name)
+        if s is None or np.all(s == 1.0):
+            continue
+        if group.previous is None:
+            raise ValueError(f"group {group.name} has no previous op to absorb its scales")
+        for path in group.linears:
+            linear = _module(block, path)
+            _set_param(linear, "weight", _to_np(linear.weight) * s[None, :], linear.weight)
+        prev = _module(block, group.previous)
+        if isinstance(prev, nn.RMSNorm):
+            _set_param(prev, "weight", _to_np(prev.weight) / s, prev.weight)
+        else:
+            _set_param(prev, "weight", _to_np(prev.weight) / s[:, None], prev.weight)
+            if "bias" in prev:
+                _set_param(prev, "bias", _to_np(prev.bias) / s, prev.bias)
+
+
+def _quantize_folded(block: nn.Module, plans: dict[str, list[_LinearPlan]], spec: QuantSpec) -> dict[str, dict[str, np.ndarray]]:
+    """Quantize every (already folded) linear; set it to its dequantized weight for scoring.
+
+    Returns the stored tensors per linear path: packed codes, fp16 scales and biases, and
+    the fp16 side channels when there are salient channels.
+    """
+    stored: dict[str, dict[str, np.ndarray]] = {}
+    for group_plans in plans.values():
+        for plan in group_plans:
+            linear = _module(block, plan.path)
+            folded = _to_np(linear.weight)
+            qt = quantize_tensor(folded * plan.keep[None, :], spec, np, plan.clip_ratio)
+            scales, biases = to_mlx_scales_biases(qt.scales, qt.zeros.astype(np.float32))
+            deq = qt.dequantize()
+            tensors = {"weight": qt.packed, "scales": scales, "biases": biases}
+            if plan.salient_idx.size:
+                side = folded[:, plan.salient_idx].astype(np.float16)
+                tensors["salient_indices"] = plan.salient_idx.astype(np.int32)
+                tensors["salient_weight"] = side
+                deq[:, plan.salient_idx] = side.astype(np.float32)
+            _set_param(linear, "weight", deq, linear.weight)
+            stored[plan.path] = tensors
+    return stored
+
+
+def _snapshot(block: nn.Module) -> dict[str, mx.array]:
+    return {k: mx.array(v) for k, v in tree_flatten(block.parameters())}
+
+
+def _restore(block: nn.Module, params: dict[str, mx.array]) -> None:
+    block.load_weights(list(params.items()))
+
+
+_COMPARE_SAMPLES = 16  # calibration samples used to compare AWQ and RTN block outputs
+
+
+def _quantize_block(
+    block: nn.Module,
+    x: mx.array,
+    spec: QuantSpec,
+    salient_ratio: float,
+    activation_method: str,
+    n_grid: int,
+    duo_scaling: bool,
+    method: str,
+    xp: ModuleType,
+) -> tuple[mx.array, dict[str, dict[str, np.ndarray]], dict[str, Any]]:
+    """Quantize one block; returns (float block output, stored tensors, stats).
+
+    With ``method="awq"`` the block is quantized twice, with AWQ and with plain
+    round-to-nearest, and the variant with the lower block-output error is kept.
+    """
+    fp_out, captured = _run_block(block, x, capture=True)
+    groups = block_groups(block)
+    original = _snapshot(block)
+    errors = {g.name: OutputError(xp.array(captured[g.capture_key]), xp) for g in groups}
+    x_cmp, ref_cmp = x[:_COMPARE_SAMPLES], fp_out[:_COMPARE_SAMPLES]
+
+    outcomes = {}
+    variants = (True, False) if method == "awq" else (False,)
+    for use_awq in variants:
+        _restore(block, original)
+        plans = {
+            g.name: _plan_group(
+                block, g, captured[g.capture_key], spec, salient_ratio, activation_method, n_grid, duo_scaling, use_awq, xp, errors[g.name]
+            )
+            for g in groups
+        }
+        fold_scales(block, groups, {name: group_plans[0].scales for name, group_plans in plans.items()})
+        stored = _quantize_folded(block, plans, spec)
+        block_error = _block_mse(block, x_cmp, ref_cmp)
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            stored[name] = {"weight": _to_np(_module(block, name).weight)}
+        for g in groups:
+            for path in g.linears:
+                if "bias" in _module(block, path):
+                    stored[path]["bias"] = _to_np(_module(block, path).bias)
+        outcomes[use_awq] = (block_error, stored, plans)
+    rtn_error = outcomes[False][0]
+    awq_error = outcomes[True][0] if True in outcomes else rtn_error
+    use_awq = True in outcomes and awq_error <= rtn_error
+    _, stored, plans = outcomes[use_awq]
+    stats: dict[str, Any] = {
+        "choice": "awq" if use_awq else "rtn",
+        "block_output_error": awq_error,
+        "block_rtn_output_error": rtn_error,
+        "linears": {},
+    }
+    for group_plans in plans.values():
+        for plan in group_plans:
+            stats["linears"][plan.path] = {**plan.stats, "scales": [round(float(v), 6) for v in plan.scales]}
+    _restore(block, original)
+    return fp_out, stored, stats
+
+
+def _calibration_batch(
+    model: nn.Module,
+    tokenizer: Any,
+    activations_path: str | Path | None,
+    text_path: str | Path | None,
+    n_samples: int,
+    seq_len: int,
+) -> tuple[CalibrationBatch, str]:
+    cfg = model.config
+    if activations_path is not None:
+        batch = load_activations(activations_path, cfg.hidden_size, cfg.vocab_size)
+        return batch, f"activations file {activations_path}"
+    ids = calibration_tokens(tokenizer, n_samples, seq_len, text_path)
+    return CalibrationBatch(ids), f"text file {text_path}" if text_path else "built-in Wikipedia calibration split"
+
+
+def quantize_loaded_model(
+    model: nn.Module,
+    batch: CalibrationBatch,
+    bits: int = 4,
+    group_size: int = 128,
+    salient_ratio: float = 0.01,
+    activation_method: str = "rms",
+    n_grid: int = 20,
+    duo_scaling: bool = False,
+    compute_backend: str = "auto",
+    progress: ProgressFn | None = None,
+    method: Literal["awq", "rtn"] = "awq",
+) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """AWQ over every block of a loaded model; returns (output tensors by HF name, stats).
+
+    Each block's float weights are released once its quantized tensors exist, so the
+    model is never held twice.
+    """
+    spec = validate_settings(model.config, bits, group_size, salient_ratio, activation_method, method)
+    xp = compute_namespace(compute_backend)
+
+    if batch.hidden_states is not None:
+        x = mx.array(batch.hidden_states.astype(np.float32))
+    else:
+        x = model.model.embed_tokens(mx.array(batch.input_ids)).astype(mx.float32)
+    mx.eval(x)
+
+    tensors: dict[str, np.ndarray] = {}
+    block_stats = []
+    layers = model.model.layers
+    started = time.perf_counter()
+    for index, block in enumerate(layers):
+        t0 = time.perf_counter()
+        block.update(_as_float32(block))
+        fp_out, stored, stats = _quantize_block(block, x, spec, salient_ratio, activation_method, n_grid, duo_scaling, method, xp)
+        for path, items in stored.items():
+            for name, value in items.items():
+                tensors[f"model.layers.{index}.{path}.{name}"] = value
+        stats["index"] = index
+        stats["time_s"] = time.perf_counter() - t0
+        block_stats.append(stats)
+        layers[index] = _ReleasedBlock()  # drop the float weights of this block
+        x = fp_out
+        if progress is not None:
+            progress({"block": index + 1, "n_blocks": len(layers), "elapsed_s": time.perf_counter() - started, "choice": stats["choice"]})
+    for name, value in tree_flatten(model.parameters()):
+        if not name.startswith("model.layers."):
+            tensors[name] = _to_np(value)
+    summary = {
+        "method": method,
+        "bits": bits,
+        "group_size": group_size,
+        "salient_ratio": salient_ratio,
+        "activation_method": activation_method,
+        "n_grid": n_grid,
+        "duo_scaling": duo_scaling,
+        "calibration_tokens": int(np.prod(x.shape[:2])),
+        "blocks_awq": sum(s["choice"] == "awq" for s in block_stats),
+        "blocks_rtn": sum(s["choice"] == "rtn" for s in block_stats),
+        "bits_per_weight": bits_per_weight(tensors, bits),
+        "time_s": time.perf_counter() - started,
+        "blocks": block_stats,
+    }
+    return tensors, summary
+
+
+class _ReleasedBlock(nn.Module):
+    """Placeholder for a block whose float weights were released after quantization."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> mx.array:
+        raise RuntimeError("this block was released after quantization; load the quantized output instead")
+
+
+def validate_settings(
+    config: Any, bits: int, group_size: int, salient_ratio: float, activation_method: str, method: str = "awq"
+) -> QuantSpec:
+    """Check every setting (against the model's widths when ``config`` is given); returns the spec."""
+    spec = QuantSpec(bits=bits, group_size=group_size)
+    if activation_method not in ACTIVATION_METHODS:
+        raise ValueError(f"activation_method must be one of {ACTIVATION_METHODS}, got {activation_method!r}")
+    if method not in ("awq", "rtn"):
+        raise ValueError(f"method must be 'awq' or 'rtn', got {method!r}")
+    _check_salient_ratio(salient_ratio)
+    if config is None:
+        return spec
+    for width in (config.hidden_size, config.intermediate_size, config.num_attention_heads * config.head_dim):
+        spec.check_in_features(width)
+    return spec
+
+
+def _as_float32(block: nn.Module) -> dict[str, Any]:
+    from mlx.utils import tree_map
+
+    return tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, block.parameters())
+
+
+def bits_per_weight(tensors: dict[str, np.ndarray], bits: int) -> float:
+    """Storage bits per quantized weight: codes + fp16 scales/biases + fp16 side channels."""
+    n_weights = 0
+    n_bits = 0
+    for name, value in tensors.items():
+        if name.endswith(".weight") and value.dtype == np.uint32:
+            prefix = name[: -len(".weight")]
+            n = value.shape[0] * value.shape[1] * 32 // bits
+            n_weights += n
+            n_bits += value.size * 32 + tensors[f"{prefix}.scales"].size * 16 + tensors[f"{prefix}.biases"].size * 16
+            if f"{prefix}.salient_weight" in tensors:
+                n_bits += tensors[f"{prefix}.salient_weight"].size * 16 + tensors[f"{prefix}.salient_indices"].size * 32
+    return n_bits / n_weights if n_weights else float("nan")
+
+
+def output_config(hf_config: dict[str, Any], bits: int, group_size: int, salient: bool, stats: dict[str, Any]) -> dict[str, Any]:
+    """config.json for the quantized folder: mlx-lm's ``quantization`` block plus our notes."""
+    config = dict(hf_config)
+    config["quantization"] = {"group_size": group_size, "bits": bits}
+    config["quantization_config"] = {"group_size": group_size, "bits": bits}
+    config["metal_marlin"] = {
+        "method": stats["method"],
+        "salient_channels": salient,
+        "salient_ratio": stats["salient_ratio"],
+        "activation_method": stats["activation_method"],
+        "bits_per_weight": stats["bits_per_weight"],
+    }
+    return config
+
+
+def awq_quantize_model(
+    model_path: str | Path | None,
+    output_path: str | Path,
+    activations_path: str | Path | None = None,
+    group_size: int = 128,
+    salient_ratio: float = 0.01,
+    activation_method: Literal["mean", "max", "rms"] = "rms",
+    verbose: bool = True,
+    *,
+    bits: int = 4,
+    n_samples: int = DEFAULT_N_SAMPLES,
+    seq_len: int = DEFAULT_SEQ_LEN,
+    text_path: str | Path | None = None,
+    n_grid: int = 20,
+    duo_scaling: bool = False,
+    compute_backend: Literal["auto", "numpy", "mlx"] = "auto",
+    progress: ProgressFn | None = None,
+    method: Literal["awq", "rtn"] = "awq",
+) -> dict[str, Any]:
+    """Quantize every linear layer of a model with AWQ and write an MLX-layout folder.
+
+    ``model_path``: a GGUF file, a Hugging Face folder, or None for the built-in
+    SmolLM2-135M-Instruct. Calibration: ``activations_path`` (an ``activations.npz`` from
+    ``metal-marlin collect``), else ``text_path``, else the built-in Wikipedia calibration
+    split; ``n_samples`` x ``seq_len`` tokens. Writes ``model.safetensors``, ``config.json``,
+    tokenizer files and ``quant_stats.json`` to ``output_path`` (atomically) and returns
+    the stats dict. ``progress`` receives one event per block; ``verbose`` draws a progress
+    bar when no callback is given. Raising from ``progress`` aborts (used for cancellation).
+    """
+    from metal_marlin.checkpoints.hf import save_hf_folder
+    from metal_marlin.checkpoints.loader import load_builtin_model, load_model
+    from metal_marlin.tokenizer import load_tokenizer
+
+    output_path = Path(output_path)
+    validate_settings(None, bits, group_size, salient_ratio, activation_method, method)  # before loading
+    started = time.perf_counter()
+    loaded = load_builtin_model() if model_path is None else load_model(model_path)
+    model, config, metadata = loaded
+    validate_settings(config, bits, group_size, salient_ratio, activation_method, method)
+    tokenizer = load_tokenizer(model_path)
+    batch, source = _calibration_batch(model, tokenizer, activations_path, text_path, n_samples, seq_len)
+
+    bar = None
+    if progress is None and verbose:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.num_hidden_layers, desc="AWQ blocks", unit="block")
+        progress = lambda event: bar.update(1)  # noqa: E731
+    try:
+        tensors, stats = quantize_loaded_model(
+            model, batch, bits=bits, group_size=group_size, salient_ratio=salient_ratio,
+            activation_method=activation_method, n_grid=n_grid, duo_scaling=duo_scaling,
+            compute_backend=compute_backend, progress=progress, method=method,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    stats.update(
+        {
+            "model_path": str(model_path) if model_path is not None else "builtin:smollm2-135m-instruct",
+            "output_path": str(output_path),
+            "calibration": source,
+            "total_time_s": time.perf_counter() - started,
+        }
+    )
+    hf_config = config.to_hf_dict()
+    for key in ("bos_token_id", "eos_token_id"):
+        if metadata.get(key) is not None:
+            hf_config[key] = metadata[key]
+    config_out = output_config(hf_config, bits, group_size, salient_ratio > 0, stats)
+    stored = {k: _storage_dtype(k, v) for k, v in tensors.items()}
+    extra_files: dict[str, str | bytes] = {"quant_stats.json": json.dumps(stats, indent=1)}
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save(tmp)
+        extra_files.update({p.name: p.read_bytes() for p in Path(tmp).iterdir() if p.is_file()})
+    save_hf_folder(output_path, stored, config_out, extra_files=extra_files)
+    return stats
+
+
+def _storage_dtype(name: str, value: np.ndarray) -> np.ndarray:
+    """Float tensors are stored as float16 (MLX/mlx-lm convention); integers unchanged."""
+    if np.issubdtype(value.dtype, np.floating):
+        return value.astype(np.float16)
+    return value

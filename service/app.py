@@ -1,0 +1,132 @@
+"""The FastAPI application: ``create_app(settings)``.
+
+The app never imports MLX: models, their memory and their crashes stay in the worker
+process, which the app's lifespan starts and supervises (:mod:`service.supervisor`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, PlainTextResponse
+from starlette.concurrency import run_in_threadpool
+
+import metal_marlin
+from service import jobs, openai_api
+from service.config import Settings
+from service.errors import install_error_handlers
+from service.metrics import CONTENT_TYPE, ServiceMetrics
+from service.middleware import BodySizeLimit, RequestMetrics
+from service.schemas import Health
+from service.state import ServiceState, get_state
+from service.supervisor import WorkerSupervisor
+from worker.jobstore import JobStore
+
+log = logging.getLogger("metal_marlin.service")
+
+DESCRIPTION = """\
+OpenAI-compatible completions served from AWQ-quantized models, and a quantization jobs API.
+
+- `/v1/completions`, `/v1/chat/completions`, `/v1/models`: OpenAI shapes (SSE streaming).
+- `/v1/quantization/jobs`: submit AWQ quantization of the built-in model or a model under the
+  server's model roots; follow its events; download the result; serve it under its job id.
+- Errors are always `{"error": {"message", "type", "param", "code"}}`.
+- `/v1` routes need `Authorization: Bearer <key>` when the server has an API key.
+"""
+
+
+def create_app(settings: Settings | None = None, *, start_worker: bool = True) -> FastAPI:
+    """Build the service. ``start_worker=False`` skips the worker (tests, OpenAPI export)."""
+    settings = settings or Settings.from_env()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        state: ServiceState = app.state.mm
+        if start_worker:
+            await state.supervisor.start()
+        try:
+            yield
+        finally:
+            if start_worker:
+                await state.supervisor.stop()
+            else:
+                await state.supervisor.client.aclose()
+
+    app = FastAPI(
+        title="metal-marlin",
+        version=metal_marlin.__version__,
+        description=DESCRIPTION,
+        lifespan=lifespan,
+    )
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = JobStore.in_data_dir(settings.data_dir)
+    supervisor = WorkerSupervisor(settings, store, on_restart=lambda: metrics.worker_restarts.inc())
+    metrics = ServiceMetrics(job_counts=store.counts, worker_up=lambda: supervisor.ready)
+    app.state.mm = ServiceState(settings=settings, store=store, supervisor=supervisor, metrics=metrics)
+
+    install_error_handlers(app)
+    app.include_router(openai_api.router)
+    app.include_router(jobs.router)
+
+    @app.get(
+        "/health",
+        response_model=Health,
+        tags=["operations"],
+        summary="Readiness: 200 when the worker is ready, else 503",
+        responses={503: {"model": Health, "description": "The worker is not ready"}},
+    )
+    async def health(request: Request) -> JSONResponse:
+        sup = get_state(request).supervisor
+        if sup.ready:
+            info = {k: sup.ready_info.get(k) for k in ("pid", "jobs_enabled", "current_job", "loaded_models", "active_requests")}
+            info["restarts"] = sup.restarts
+            return JSONResponse(Health(status="ok", worker=info).model_dump())
+        worker = {"restarts": sup.restarts, "last_exit": sup.last_exit}
+        return JSONResponse(Health(status="starting" if sup.restarts == 0 else "unavailable", worker=worker).model_dump(), status_code=503, headers={"Retry-After": "5"})
+
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics",
+        response_class=PlainTextResponse,
+        responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}, "description": "Prometheus text format 0.0.4"}},
+    )
+    async def prometheus(request: Request) -> PlainTextResponse:
+        text = await run_in_threadpool(get_state(request).metrics.render)
+        return PlainTextResponse(text, media_type=CONTENT_TYPE)
+
+    _use_error_shape_in_openapi(app)
+    # the middleware added last is outermost: metrics see every response, 413s included
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app
+
+
+def _use_error_shape_in_openapi(app: FastAPI) -> None:
+    """Document validation failures as what they are: 400 with the error shape (FastAPI's
+    generated 422 ``HTTPValidationError`` responses never happen here)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        doc = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        error_ref = {"$ref": "#/components/schemas/ErrorResponse"}
+        for ops in doc.get("paths", {}).values():
+            for op in ops.values():
+                responses = op.get("responses", {})
+                generated = responses.get("422", {}).get("content", {}).get("application/json", {}).get("schema", {})
+                if generated.get("$ref", "").endswith("/HTTPValidationError"):
+                    del responses["422"]
+                    if op.get("parameters") or op.get("requestBody"):
+                        responses.setdefault("400", {"description": "Invalid request", "content": {"application/json": {"schema": error_ref}}})
+        schemas = doc.get("components", {}).get("schemas", {})
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = doc
+        return doc
+
+    app.openapi = openapi  # type: ignore[method-assign]

@@ -1,0 +1,138 @@
+"""Service settings: environment variables (``MM_*``) with keyword overrides.
+
+=======================  ===================================================================
+``MM_DATA_DIR``          data directory (``./data``): ``jobs.sqlite3``, ``jobs/<id>/``
+``MM_API_KEY``           bearer key required on ``/v1`` routes (unset: no auth)
+``MM_MODEL_ROOTS``       folders jobs may read models/calibration files from (``os.pathsep``)
+``MM_MAX_BODY_BYTES``    largest request body (1 MiB)
+``MM_MAX_QUEUED_JOBS``   queued jobs beyond which submissions get 429 (16)
+``MM_MAX_INFLIGHT``      concurrent generation requests beyond which requests get 429 (32)
+``MM_MAX_PROMPTS``       prompts x n per completion request (16)
+``MM_REQUEST_TIMEOUT``   seconds a generation may wait for its next token (300)
+``MM_WORKER_SOCKET``     Unix socket of the worker (``<data>/run/worker.sock``)
+``MM_WORKER_URL``        use an already running worker at this URL (``unix:/path`` or
+                         ``http://127.0.0.1:port``) instead of starting one
+``MM_WORKER_MEMORY_MB``  memory budget of the worker's loaded models (4096)
+``MM_WORKER_THREADS``    BLAS/OpenMP threads of the worker (CPU count)
+``MM_WORKER_JOBS``       ``0`` to run a generation-only worker (jobs stay queued)
+=======================  ===================================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import secrets
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from worker.sources import parse_roots
+
+MAX_UDS_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be an integer, got {raw!r}") from exc
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise ValueError(f"{name} must be a number, got {raw!r}") from exc
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name} must be a boolean (1/0), got {raw!r}")
+
+
+def default_socket_path(data_dir: Path) -> Path:
+    """``<data>/run/worker.sock``, or a short path under the temp dir if that is too long."""
+    path = data_dir.resolve() / "run" / "worker.sock"
+    if len(str(path)) <= MAX_UDS_PATH:
+        return path
+    digest = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"mm-{digest}" / "worker.sock"
+
+
+@dataclass
+class Settings:
+    data_dir: Path = Path("data")
+    api_key: str | None = None
+    model_roots: str = ""
+    max_body_bytes: int = 1 << 20
+    max_queued_jobs: int = 16
+    max_inflight: int = 32
+    max_prompts: int = 16
+    request_timeout_s: float = 300.0
+    worker_socket: Path | None = None
+    worker_url: str | None = None
+    worker_memory_mb: int = 4096
+    worker_threads: int | None = None
+    worker_jobs: bool = True
+    worker_start_timeout_s: float = 180.0
+    worker_token: str = field(default_factory=lambda: secrets.token_urlsafe(24))
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir)
+        if self.api_key == "":
+            self.api_key = None
+        if self.worker_socket is None and self.worker_url is None:
+            self.worker_socket = default_socket_path(self.data_dir)
+        if self.worker_socket is not None:
+            self.worker_socket = Path(self.worker_socket)
+        for name in ("max_body_bytes", "max_queued_jobs", "max_inflight", "max_prompts", "worker_memory_mb"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def spawn_worker(self) -> bool:
+        """Start and supervise our own worker (unless ``worker_url`` names an external one)."""
+        return self.worker_url is None
+
+    @property
+    def roots(self) -> list[Path]:
+        return parse_roots(self.model_roots)
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> Settings:
+        """Settings from ``MM_*`` variables; keyword arguments that are not None win."""
+        threads = os.environ.get("MM_WORKER_THREADS", "").strip()
+        values: dict[str, Any] = {
+            "data_dir": Path(os.environ.get("MM_DATA_DIR", "").strip() or "data"),
+            "api_key": os.environ.get("MM_API_KEY") or None,
+            "model_roots": os.environ.get("MM_MODEL_ROOTS", ""),
+            "max_body_bytes": _env_int("MM_MAX_BODY_BYTES", 1 << 20),
+            "max_queued_jobs": _env_int("MM_MAX_QUEUED_JOBS", 16),
+            "max_inflight": _env_int("MM_MAX_INFLIGHT", 32),
+            "max_prompts": _env_int("MM_MAX_PROMPTS", 16),
+            "request_timeout_s": _env_float("MM_REQUEST_TIMEOUT", 300.0),
+            "worker_socket": Path(os.environ["MM_WORKER_SOCKET"]) if os.environ.get("MM_WORKER_SOCKET") else None,
+            "worker_url": os.environ.get("MM_WORKER_URL") or None,
+            "worker_memory_mb": _env_int("MM_WORKER_MEMORY_MB", 4096),
+            "worker_threads": int(threads) if threads else None,
+            "worker_jobs": _env_bool("MM_WORKER_JOBS", True),
+        }
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        return replace(self, **overrides)

@@ -1,0 +1,336 @@
+"""Quantization jobs API (after OpenAI's fine-tuning jobs API).
+
+``POST /v1/quantization/jobs`` validates the request completely before queuing it: sources
+must be the built-in model or lie under the model roots, and the group size must divide the
+model's layer widths (checked from its config/GGUF metadata, without loading weights), so a
+job that cannot run is refused with a 400 instead of failing later.
+
+``Idempotency-Key``: the same key with the same body returns the original job (header
+``Idempotent-Replayed: true``); the same key with a different body is refused with 422.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from metal_marlin.assets import BUILTIN_MODEL_NAME
+from service.auth import require_api_key
+from service.errors import APIError, error_responses
+from service.schemas import (
+    DeletedJob,
+    QuantizationJob,
+    QuantizationJobCreate,
+    QuantizationJobEvent,
+    QuantizationJobEventList,
+    QuantizationJobList,
+)
+from service.state import ServiceState, get_state
+from worker.jobstore import (
+    IdempotencyConflict,
+    Job,
+    JobStateError,
+    QueueFull,
+    fingerprint,
+    is_job_id,
+    parse_event_id,
+)
+from worker.runner import jobs_dir, remove_tree, result_dir
+from worker.sources import SourceError, check_quantizable, model_widths, resolve_under_roots
+
+log = logging.getLogger("metal_marlin.service.jobs")
+
+router = APIRouter(prefix="/v1/quantization/jobs", tags=["quantization jobs"], dependencies=[Depends(require_api_key)])
+
+JobId = Annotated[str, Path(description="A quantization job id (qjob-...)", max_length=64)]
+AUTO_GROUP_SIZES = (128, 64, 32)
+
+
+def _job_or_404(state: ServiceState, job_id: str) -> Job:
+    job = state.store.get(job_id) if is_job_id(job_id) else None
+    if job is None:
+        raise APIError(404, f"no quantization job {job_id!r}", param="job_id", code="job_not_found")
+    return job
+
+
+def job_to_api(job: Job) -> QuantizationJob:
+    spec = job.spec
+    model = spec["model"]
+    calibration = spec.get("calibration") or {"source": "builtin"}
+    succeeded = job.status == "succeeded"
+    result = job.result or {}
+    return QuantizationJob(
+        id=job.id,
+        created_at=int(job.created_at),
+        started_at=int(job.started_at) if job.started_at else None,
+        finished_at=int(job.finished_at) if job.finished_at else None,
+        status=job.status,  # type: ignore[arg-type]
+        model=BUILTIN_MODEL_NAME if model["source"] == "builtin" else model["path"],
+        model_source={"source": model["source"], "path": model.get("path")},
+        calibration={"source": calibration["source"], "path": calibration.get("path")},
+        hyperparameters=spec["hyperparameters"],
+        progress=job.progress if job.status == "running" else None,
+        cancel_requested=job.cancel_requested and not succeeded,
+        error=job.error if job.status == "failed" else None,
+        result_model=job.id if succeeded else None,
+        result_files=result.get("files", []) if succeeded else [],
+        stats=result.get("stats") if succeeded else None,
+    )
+
+
+def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, Any]:
+    """The stored job spec: sources resolved under the roots, hyperparameters complete."""
+    roots = state.settings.roots
+    try:
+        if body.model.source == "builtin":
+            model: dict[str, Any] = {"source": "builtin"}
+            model_path = None
+        else:
+            model_path = resolve_under_roots(body.model.path, roots, param="model.path", what="model")
+            if not (model_path.is_dir() or model_path.is_file()):
+                raise SourceError("model.path must be a .gguf file or a model folder", param="model.path", code="invalid_model")
+            model = {"source": "path", "path": body.model.path, "resolved": str(model_path)}
+        cal = body.calibration
+        if cal.source == "builtin":
+            calibration: dict[str, Any] = {"source": "builtin"}
+        else:
+            cal_path = resolve_under_roots(cal.path, roots, param="calibration.path", what="calibration file")
+            if not cal_path.is_file():
+                raise SourceError("calibration.path must be a file", param="calibration.path", code="invalid_calibration")
+            calibration = {"source": cal.source, "path": cal.path, "resolved": str(cal_path)}
+    except SourceError as exc:
+        raise APIError(400, exc.message, param=exc.param, code=exc.code) from exc
+
+    try:
+        widths = model_widths(model_path)
+    except FileNotFoundError as exc:  # the built-in model's package is not installed
+        raise APIError(400, str(exc), param="model", code="model_not_available") from exc
+    except (ValueError, OSError) as exc:
+        raise APIError(400, f"cannot read the model: {exc}", param="model.path", code="invalid_model") from exc
+
+    group_size = body.group_size
+    if group_size is None:
+        fits = [g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in widths.as_tuple())]
+        if not fits:
+            raise APIError(400, f"no supported group size divides the model's layer widths {widths.as_tuple()}", param="group_size", code="invalid_group_size")
+        group_size = fits[0]
+    try:
+        check_quantizable(widths, body.bits, group_size)
+    except ValueError as exc:
+        raise APIError(400, str(exc), param="group_size", code="invalid_group_size") from exc
+
+    return {
+        "model": model,
+        "calibration": calibration,
+        "hyperparameters": {
+            "bits": body.bits,
+            "group_size": group_size,
+            "salient_ratio": body.salient_ratio,
+            "activation_method": body.activation_method,
+            "n_samples": body.n_samples,
+            "seq_len": body.seq_len,
+            "n_grid": body.n_grid,
+            "duo_scaling": body.duo_scaling,
+        },
+    }
+
+
+async def _wake_worker(state: ServiceState) -> None:
+    if not state.supervisor.ready:
+        return
+    try:
+        await state.supervisor.client.post("/jobs/wake", timeout=2.0)
+    except Exception:  # noqa: BLE001 - best effort; the worker polls anyway
+        log.debug("could not wake the worker", exc_info=True)
+
+
+@router.post(
+    "",
+    response_model=QuantizationJob,
+    summary="Create a quantization job",
+    responses=error_responses(400, 401, 413, 422, 429),
+)
+async def create_job(
+    body: QuantizationJobCreate,
+    request: Request,
+    response: Response,
+    idempotency_key: Annotated[
+        str | None,
+        Header(alias="Idempotency-Key", min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$",
+               description="Retry-safe submission: the same key and body return the same job."),
+    ] = None,
+) -> QuantizationJob:
+    state = get_state(request)
+    fp = fingerprint(body.model_dump(mode="json"))
+    if idempotency_key is not None:
+        seen = await run_in_threadpool(state.store.lookup_idempotency, idempotency_key)
+        if seen is not None:
+            if seen[0] != fp:
+                raise APIError(
+                    422,
+                    f"Idempotency-Key {idempotency_key!r} was already used with a different request body",
+                    param="Idempotency-Key",
+                    code="idempotency_key_reused",
+                )
+            existing = await run_in_threadpool(state.store.get, seen[1])
+            if existing is not None:
+                response.headers["Idempotent-Replayed"] = "true"
+                return job_to_api(existing)
+    spec = await run_in_threadpool(build_spec, body, state)
+    try:
+        job, created = await run_in_threadpool(
+            lambda: state.store.create_job(
+                spec, idempotency_key=idempotency_key, request_fingerprint=fp, max_queued=state.settings.max_queued_jobs
+            )
+        )
+    except IdempotencyConflict as exc:
+        raise APIError(422, str(exc), param="Idempotency-Key", code="idempotency_key_reused") from exc
+    except QueueFull as exc:
+        state.metrics.rejected.inc(reason="job_queue_full")
+        raise APIError(429, str(exc), code="job_queue_full", headers={"Retry-After": "30"}) from exc
+    if created:
+        await _wake_worker(state)
+    else:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_to_api(job)
+
+
+@router.get("", response_model=QuantizationJobList, summary="List quantization jobs (newest first)", responses=error_responses(400, 401))
+def list_jobs(
+    request: Request,
+    after: Annotated[str | None, Query(pattern=r"^qjob-[0-9a-f]{24}$", description="Id of the last job of the previous page")] = None,
+    limit: Annotated[int, Query(ge=1, le=100)] = 20,
+    status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None, Query()] = None,
+) -> QuantizationJobList:
+    if after is not None and not is_job_id(after):
+        raise APIError(400, f"after must be a job id, got {after!r}", param="after", code="invalid_cursor")
+    jobs, has_more = get_state(request).store.list(after=after, limit=limit, status=status)
+    return QuantizationJobList(data=[job_to_api(j) for j in jobs], has_more=has_more)
+
+
+@router.get("/{job_id}", response_model=QuantizationJob, summary="Get a quantization job", responses=error_responses(401, 404))
+def get_job(job_id: JobId, request: Request) -> QuantizationJob:
+    return job_to_api(_job_or_404(get_state(request), job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=QuantizationJob,
+    summary="Cancel a queued or running job",
+    description="A queued job is cancelled at once; a running job stops after its current block "
+    "(status stays `running` with `cancel_requested: true` until then).",
+    responses=error_responses(401, 404, 409),
+)
+def cancel_job(job_id: JobId, request: Request) -> QuantizationJob:
+    state = get_state(request)
+    _job_or_404(state, job_id)
+    try:
+        job = state.store.request_cancel(job_id)
+    except KeyError as exc:
+        raise APIError(404, f"no quantization job {job_id!r}", param="job_id", code="job_not_found") from exc
+    except JobStateError as exc:
+        raise APIError(409, str(exc), code="job_not_cancellable") from exc
+    return job_to_api(job)
+
+
+@router.get(
+    "/{job_id}/events",
+    response_model=QuantizationJobEventList,
+    summary="A job's events (oldest first)",
+    responses=error_responses(400, 401, 404),
+)
+def list_events(
+    job_id: JobId,
+    request: Request,
+    after: Annotated[str | None, Query(pattern=r"^qjev-[0-9]{1,18}$", description="Id of the last event already seen")] = None,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> QuantizationJobEventList:
+    state = get_state(request)
+    _job_or_404(state, job_id)
+    after_n = None
+    if after is not None:
+        after_n = parse_event_id(after)
+        if after_n is None:
+            raise APIError(400, f"after must be an event id, got {after!r}", param="after", code="invalid_cursor")
+    events, has_more = state.store.events(job_id, after=after_n, limit=limit)
+    return QuantizationJobEventList(
+        data=[
+            QuantizationJobEvent(
+                id=e.public_id, created_at=int(e.created_at), level=e.level, type=e.type, message=e.message, data=e.data
+            )
+            for e in events
+        ],
+        has_more=has_more,
+    )
+
+
+def _iter_file(handle: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
+    try:
+        while data := handle.read(chunk):
+            yield data
+    finally:
+        handle.close()
+
+
+@router.get(
+    "/{job_id}/result",
+    summary="Download a succeeded job's model",
+    description="`model.safetensors` by default; `file` picks another file of the result "
+    "(`config.json`, `quant_stats.json`, tokenizer files; see the job's `result_files`). "
+    "409 until the job has succeeded.",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "description": "The file"},
+        **error_responses(400, 401, 404, 409),
+    },
+)
+def get_result(
+    job_id: JobId,
+    request: Request,
+    file: Annotated[str, Query(max_length=255, description="A file name from result_files")] = "model.safetensors",
+) -> StreamingResponse:
+    state = get_state(request)
+    job = _job_or_404(state, job_id)
+    if job.status != "succeeded":
+        raise APIError(409, f"job {job_id} is {job.status}; its result is available once it has succeeded", code="job_not_succeeded")
+    names = {f["filename"] for f in (job.result or {}).get("files", [])}
+    if file not in names:
+        raise APIError(400, f"the result has no file {file!r}; available: {sorted(names)}", param="file", code="invalid_file")
+    path = result_dir(state.settings.data_dir, job_id) / file
+    try:
+        handle = open(path, "rb")  # held open: a concurrent DELETE cannot cut the download short
+    except FileNotFoundError as exc:
+        raise APIError(404, f"the result of job {job_id} is gone", code="result_not_found") from exc
+    size = os.fstat(handle.fileno()).st_size
+    media = "application/json" if file.endswith(".json") else "application/octet-stream"
+    return StreamingResponse(
+        _iter_file(handle),
+        media_type=media,
+        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{job_id}-{file}"'},
+    )
+
+
+@router.delete("/{job_id}", response_model=DeletedJob, summary="Delete a finished job and its files", responses=error_responses(401, 404, 409))
+async def delete_job(job_id: JobId, request: Request) -> DeletedJob:
+    state = get_state(request)
+    await run_in_threadpool(_job_or_404, state, job_id)
+    try:
+        await run_in_threadpool(state.store.delete, job_id)
+    except KeyError as exc:
+        raise APIError(404, f"no quantization job {job_id!r}", param="job_id", code="job_not_found") from exc
+    except JobStateError as exc:
+        raise APIError(409, str(exc), code="job_not_finished") from exc
+    data_dir = state.settings.data_dir
+    await run_in_threadpool(remove_tree, result_dir(data_dir, job_id), jobs_dir(data_dir) / ".trash")
+    if state.supervisor.ready:
+        try:
+            await state.supervisor.client.post(f"/models/{job_id}/unload", timeout=5.0)
+        except Exception:  # noqa: BLE001 - the worker re-checks the job on every request anyway
+            log.debug("could not ask the worker to unload %s", job_id, exc_info=True)
+    return DeletedJob(id=job_id, deleted=True)

@@ -1,0 +1,338 @@
+"""Pydantic models of every request and response body of the public API."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from worker.jobstore import JOB_STATUSES
+
+# ---------------------------------------------------------------------------------------
+# Quantization jobs
+# ---------------------------------------------------------------------------------------
+PathStr = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
+class BuiltinModelSource(BaseModel):
+    """The built-in SmolLM2-135M-Instruct."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["builtin"] = "builtin"
+
+
+class PathModelSource(BaseModel):
+    """A ``.gguf`` file or a Hugging Face folder under one of the server's model roots
+    (absolute, or relative to a root)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["path"]
+    path: PathStr
+
+
+ModelSource = Annotated[Union[BuiltinModelSource, PathModelSource], Field(discriminator="source")]
+
+
+class BuiltinCalibration(BaseModel):
+    """The built-in Wikipedia calibration split."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["builtin"] = "builtin"
+
+
+class TextCalibration(BaseModel):
+    """A UTF-8 text file under a model root (paragraphs separated by blank lines)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["text"]
+    path: PathStr
+
+
+class ActivationsCalibration(BaseModel):
+    """An ``activations.npz`` from ``metal-marlin collect`` under a model root."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["activations"]
+    path: PathStr
+
+
+CalibrationSource = Annotated[
+    Union[BuiltinCalibration, TextCalibration, ActivationsCalibration], Field(discriminator="source")
+]
+
+
+class QuantizationJobCreate(BaseModel):
+    """``POST /v1/quantization/jobs``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelSource = Field(default_factory=BuiltinModelSource)
+    calibration: CalibrationSource = Field(default_factory=BuiltinCalibration)
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: Literal[32, 64, 128, 256] | None = Field(
+        None,
+        description="Quantization group size. Default: the largest of 128, 64, 32 that divides every "
+        "linear layer's input width (64 for the built-in model).",
+    )
+    salient_ratio: float = Field(0.01, ge=0.0, lt=0.5, description="Fraction of input channels kept in fp16.")
+    activation_method: Literal["mean", "max", "rms"] = "rms"
+    n_samples: int = Field(128, ge=1, le=1024, description="Calibration sequences.")
+    seq_len: int = Field(512, ge=8, le=4096, description="Tokens per calibration sequence.")
+    n_grid: int = Field(20, ge=1, le=100, description="Grid points of the scale search.")
+    duo_scaling: bool = False
+
+
+class Hyperparameters(BaseModel):
+    bits: int
+    group_size: int
+    salient_ratio: float
+    activation_method: str
+    n_samples: int
+    seq_len: int
+    n_grid: int
+    duo_scaling: bool
+
+
+class SourceOut(BaseModel):
+    source: str
+    path: str | None = None
+
+
+class JobProgress(BaseModel):
+    stage: str
+    block: int
+    n_blocks: int
+    elapsed_s: float
+
+
+class JobError(BaseModel):
+    code: str
+    message: str
+
+
+class ResultFile(BaseModel):
+    filename: str
+    bytes: int
+
+
+class QuantizationJob(BaseModel):
+    id: str
+    object: Literal["quantization.job"] = "quantization.job"
+    created_at: int
+    started_at: int | None
+    finished_at: int | None
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str = Field(description="The built-in model's id, or the model path as submitted.")
+    model_source: SourceOut
+    calibration: SourceOut
+    hyperparameters: Hyperparameters
+    progress: JobProgress | None
+    cancel_requested: bool
+    error: JobError | None
+    result_model: str | None = Field(description="Model id to use for completions once the job succeeded.")
+    result_files: list[ResultFile]
+    stats: dict[str, Any] | None
+
+
+assert set(QuantizationJob.model_fields["status"].annotation.__args__) == set(JOB_STATUSES)  # type: ignore[union-attr]
+
+
+class QuantizationJobList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[QuantizationJob]
+    has_more: bool
+
+
+class QuantizationJobEvent(BaseModel):
+    id: str
+    object: Literal["quantization.job.event"] = "quantization.job.event"
+    created_at: int
+    level: str
+    type: str
+    message: str
+    data: dict[str, Any] | None
+
+
+class QuantizationJobEventList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[QuantizationJobEvent]
+    has_more: bool
+
+
+class DeletedJob(BaseModel):
+    id: str
+    object: Literal["quantization.job"] = "quantization.job"
+    deleted: bool
+
+
+# ---------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------------------
+# Completions (OpenAI shapes). Unknown fields are ignored, as OpenAI-compatible servers do;
+# known fields this server cannot honour are refused with a 400.
+# ---------------------------------------------------------------------------------------
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
+
+
+StopParam = Union[Annotated[str, Field(min_length=1)], Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=16)], None]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+
+
+class SamplingFields(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str = Field(min_length=1, max_length=256)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    n: int | None = Field(None, ge=1, le=8)
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    stop: StopParam = None
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[Annotated[str, Field(pattern=r"^[0-9]{1,10}$")], Annotated[float, Field(ge=-100.0, le=100.0)]] | None = Field(
+        None, description="Token id (as a string) to a bias in [-100, 100]"
+    )
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    user: str | None = None
+    # Extensions (vLLM names), sent by the openai client through extra_body.
+    top_k: int | None = Field(None, ge=-1, description="-1 or 0 disables it")
+    min_p: float | None = Field(None, ge=0.0, le=1.0)
+    repetition_penalty: float | None = Field(None, gt=0.0, le=10.0)
+    stop_token_ids: list[TokenId] | None = Field(None, max_length=64)
+    ignore_eos: bool | None = False
+
+
+class CompletionRequest(SamplingFields):
+    """``POST /v1/completions``."""
+
+    prompt: Union[
+        str,
+        Annotated[list[str], Field(min_length=1, max_length=16)],
+        Annotated[list[TokenId], Field(min_length=1)],
+        Annotated[list[Annotated[list[TokenId], Field(min_length=1)]], Field(min_length=1, max_length=16)],
+    ]
+    max_tokens: int | None = Field(16, ge=0)
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    suffix: Annotated[str, Field(max_length=0, description="Not supported: only empty or null")] | None = None
+    best_of: Literal[1] | None = Field(None, description="Only 1 (or null) is supported")
+
+
+class TextContentPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextContentPart] | None = None
+    name: str | None = None
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"] = Field(description="Only plain text output is supported")
+
+
+class ChatCompletionRequest(SamplingFields):
+    """``POST /v1/chat/completions``."""
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=1024)]
+    max_tokens: int | None = Field(None, ge=0)
+    max_completion_tokens: int | None = Field(None, ge=0)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: Annotated[list[dict[str, Any]], Field(max_length=0, description="Not supported: only empty or null")] | None = None
+    tool_choice: Literal["none", "auto"] | None = None
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class TopLogprobOut(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprobOut):
+    top_logprobs: list[TopLogprobOut]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str | None
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: ChoiceLogprobs | None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+    system_fingerprint: str | None = None
+
+
+# ---------------------------------------------------------------------------------------
+# Health
+# ---------------------------------------------------------------------------------------
+class Health(BaseModel):
+    status: Literal["ok", "starting", "unavailable"]
+    worker: dict[str, Any] | None = None

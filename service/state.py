@@ -1,0 +1,25 @@
+"""What the routes share: settings, the job store, the worker supervisor, metrics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fastapi import Request
+
+from service.config import Settings
+from service.metrics import ServiceMetrics
+from service.supervisor import WorkerSupervisor
+from worker.jobstore import JobStore
+
+
+@dataclass
+class ServiceState:
+    settings: Settings
+    store: JobStore
+    supervisor: WorkerSupervisor
+    metrics: ServiceMetrics
+    inflight: int = 0
+
+
+def get_state(request: Request) -> ServiceState:
+    return request.app.state.mm

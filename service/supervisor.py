@@ -1,0 +1,201 @@
+"""Start, watch and restart the worker process; talk to it over its Unix socket.
+
+The supervisor spawns ``python -m worker`` (from the event loop's thread, so the worker's
+parent-death signal is tied to the service process), waits for its readiness endpoint, and
+watches it. When the worker exits unexpectedly (crash, OOM kill, SIGKILL):
+
+- readiness drops at once (``/health`` answers 503, new requests get 503);
+- in-flight generations see their stream break and report an error to their clients;
+- jobs it was running are marked ``failed`` with the exit reason (their partial output
+  lives only in the worker's staging folder and is never published);
+- a new worker is started, with backoff if it keeps dying.
+
+With ``MM_WORKER_URL`` the worker is external: the supervisor only follows its readiness.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+import httpx
+
+from service.config import Settings
+from worker.jobstore import JobStore
+from worker.proc import describe_exit
+from worker.protocol import WORKER_TOKEN_HEADER
+
+log = logging.getLogger("metal_marlin.service.supervisor")
+
+
+def make_worker_client(settings: Settings, timeout_s: float) -> httpx.AsyncClient:
+    """An ``httpx.AsyncClient`` for the worker (Unix socket, or loopback TCP)."""
+    timeout = httpx.Timeout(connect=5.0, read=timeout_s, write=30.0, pool=10.0)
+    limits = httpx.Limits(max_connections=256, max_keepalive_connections=32)
+    headers = {WORKER_TOKEN_HEADER: settings.worker_token}
+    url = settings.worker_url
+    if url is None or url.startswith("unix:"):
+        uds = str(settings.worker_socket) if url is None else url[len("unix:") :]
+        transport = httpx.AsyncHTTPTransport(uds=uds, limits=limits)
+        return httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=timeout, headers=headers)
+    return httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=headers)
+
+
+class WorkerSupervisor:
+    def __init__(self, settings: Settings, store: JobStore, on_restart: Any = None) -> None:
+        self.settings = settings
+        self.store = store
+        self.on_restart = on_restart
+        self.client = make_worker_client(settings, settings.request_timeout_s)
+        self._probe = make_worker_client(settings, 5.0)
+        self.process: subprocess.Popen[bytes] | None = None
+        self.ready = False
+        self.ready_info: dict[str, Any] = {}
+        self.restarts = 0
+        self.last_exit: str | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._ready_event = asyncio.Event()
+
+    # -- lifecycle ---------------------------------------------------------------------
+    async def start(self) -> None:
+        self._stopping = False
+        if self.settings.spawn_worker:
+            self._spawn()
+        self._task = asyncio.create_task(self._watch(), name="worker-supervisor")
+
+    async def wait_ready(self, timeout_s: float) -> bool:
+        try:
+            await asyncio.wait_for(self._ready_event.wait(), timeout_s)
+        except asyncio.TimeoutError:
+            return False
+        return True
+
+    async def stop(self, timeout_s: float = 20.0) -> None:
+        self._stopping = True
+        self._set_ready(False)
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):  # noqa: BLE001
+                pass
+        proc = self.process
+        if proc is not None and proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while proc.poll() is None and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            if proc.poll() is None:
+                log.warning("worker did not exit within %.0f s; killing it", timeout_s)
+                proc.kill()
+                proc.wait()
+        await self.client.aclose()
+        await self._probe.aclose()
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+    # -- internals ---------------------------------------------------------------------
+    def _worker_env(self) -> dict[str, str]:
+        s = self.settings
+        env = dict(os.environ)
+        threads = str(s.worker_threads or os.cpu_count() or 1)
+        for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, threads)
+        env["MM_WORKER_TOKEN"] = s.worker_token
+        env["PYTHONUNBUFFERED"] = "1"
+        return env
+
+    def _spawn(self) -> None:
+        s = self.settings
+        assert s.worker_socket is not None
+        cmd = [
+            sys.executable, "-m", "worker",
+            "--data-dir", str(s.data_dir),
+            "--socket", str(s.worker_socket),
+            "--memory-mb", str(s.worker_memory_mb),
+            "--parent-pid", str(os.getpid()),
+            "--log-level", logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower(),
+        ]
+        if s.model_roots:
+            cmd += ["--model-roots", s.model_roots]
+        if not s.worker_jobs:
+            cmd.append("--no-jobs")
+        # Popen from the event loop thread: the worker's PR_SET_PDEATHSIG follows this thread.
+        self.process = subprocess.Popen(cmd, env=self._worker_env(), stdin=subprocess.DEVNULL)
+        log.info("started worker pid %d", self.process.pid)
+
+    def _set_ready(self, ready: bool) -> None:
+        self.ready = ready
+        if ready:
+            self._ready_event.set()
+        else:
+            self._ready_event.clear()
+
+    async def _check_ready(self) -> bool:
+        try:
+            resp = await self._probe.get("/ready")
+        except (httpx.HTTPError, OSError):
+            return False
+        if resp.status_code != 200:
+            return False
+        try:
+            self.ready_info = resp.json()
+        except ValueError:
+            return False
+        return True
+
+    async def _watch(self) -> None:
+        backoff = 0.5
+        next_probe = 0.0
+        misses = 0
+        while not self._stopping:
+            proc = self.process
+            if proc is not None and proc.poll() is not None:
+                await self._handle_exit(proc.returncode)
+                if self._stopping:
+                    return
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 10.0)
+                self._spawn()
+                self.restarts += 1
+                if self.on_restart is not None:
+                    self.on_restart()
+                continue
+            now = time.monotonic()
+            if now >= next_probe:
+                ok = await self._check_ready()
+                misses = 0 if ok else misses + 1
+                if ok and not self.ready:
+                    log.info("worker is ready (pid %s)", self.ready_info.get("pid"))
+                    backoff = 0.5
+                    self._set_ready(True)
+                elif self.ready and misses >= 3:  # a living worker may miss one probe under load
+                    log.warning("worker stopped answering its readiness check")
+                    self._set_ready(False)
+                next_probe = now + (2.0 if self.ready and ok else 0.25)
+            await asyncio.sleep(0.1)
+
+    async def _handle_exit(self, returncode: int) -> None:
+        self._set_ready(False)
+        how = describe_exit(returncode)
+        self.last_exit = how
+        if self._stopping:
+            return
+        log.error("worker process %s", how)
+        message = f"the worker process {how} while this job was running; the job was not completed"
+        try:
+            failed = await asyncio.to_thread(self.store.fail_running, message, code="worker_crashed")
+        except Exception:  # noqa: BLE001
+            log.exception("could not mark the crashed worker's jobs as failed")
+            failed = []
+        if failed:
+            log.error("marked %d running job(s) failed: %s", len(failed), ", ".join(failed))

@@ -1,0 +1,89 @@
+"""Shared fixtures: the real built-in model (loaded once) and tiny random Llama checkpoints."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable
+
+# Test shapes are small and the CI/dev machines have few, shared cores: a multi-threaded
+# BLAS then spin-waits for busy cores and runs 10-20x slower than one thread. Set before
+# numpy loads its BLAS; an explicit setting in the environment still wins.
+for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_var, "1")
+
+import metal_marlin  # noqa: E402,F401  (interposes OpenBLAS for MLX before any test imports mlx)
+import numpy as np  # noqa: E402
+import pytest
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """``LoadedModel(model, config, metadata)`` of the built-in SmolLM2-135M GGUF, float32."""
+    from metal_marlin.checkpoints import load_builtin_model
+
+    return load_builtin_model()
+
+
+def tiny_checkpoint(
+    model_type: str = "llama", *, tie: bool = True, seed: int = 0, **overrides: Any
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """A random ``(config.json dict, HF-named float32 weights)`` pair, written out by name.
+
+    Names are spelled out here (not taken from our model) so tests check them against
+    Hugging Face's. Scales keep activations O(1) so errors are meaningful.
+    """
+    cfg: dict[str, Any] = {
+        "model_type": model_type,
+        "hidden_size": 64,
+        "intermediate_size": 96,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "vocab_size": 128,
+        "tie_word_embeddings": tie,
+        "max_position_embeddings": 256,
+    }
+    cfg.update(overrides)
+    rng = np.random.default_rng(seed)
+    d, f, hd = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
+    nh, nkv, vocab = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
+
+    def lin(out: int, inp: int) -> np.ndarray:
+        return (rng.standard_normal((out, inp)) / np.sqrt(inp)).astype(np.float32)
+
+    def norm(n: int) -> np.ndarray:
+        return (1.0 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+
+    w = {"model.embed_tokens.weight": rng.standard_normal((vocab, d)).astype(np.float32)}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        w[p + "input_layernorm.weight"] = norm(d)
+        w[p + "self_attn.q_proj.weight"] = lin(nh * hd, d)
+        w[p + "self_attn.k_proj.weight"] = lin(nkv * hd, d)
+        w[p + "self_attn.v_proj.weight"] = lin(nkv * hd, d)
+        w[p + "self_attn.o_proj.weight"] = lin(d, nh * hd)
+        if model_type == "qwen2":
+            for name, n in (("q", nh * hd), ("k", nkv * hd), ("v", nkv * hd)):
+                bias = 0.5 * rng.standard_normal(n)
+                w[p + f"self_attn.{name}_proj.bias"] = bias.astype(np.float32)
+        if model_type == "qwen3":
+            w[p + "self_attn.q_norm.weight"] = norm(hd)
+            w[p + "self_attn.k_norm.weight"] = norm(hd)
+        w[p + "post_attention_layernorm.weight"] = norm(d)
+        w[p + "mlp.gate_proj.weight"] = lin(f, d)
+        w[p + "mlp.up_proj.weight"] = lin(f, d)
+        w[p + "mlp.down_proj.weight"] = lin(d, f)
+    w["model.norm.weight"] = norm(d)
+    if not tie:
+        w["lm_head.weight"] = lin(vocab, d)
+    return cfg, w
+
+
+@pytest.fixture
+def make_tiny() -> Callable[..., tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """Factory fixture for ``tiny_checkpoint``."""
+    return tiny_checkpoint
+

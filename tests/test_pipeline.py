@@ -1,0 +1,218 @@
+"""Model-level AWQ on the real SmolLM2: folding, output format, mlx-lm interop, quality."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import mlx.core as mx
+import numpy as np
+import pytest
+from mlx.utils import tree_flatten
+
+from metal_marlin.calibration import (
+    CalibrationBatch,
+    calibration_tokens,
+    load_activations,
+    save_activations,
+    wikipedia_text,
+)
+from metal_marlin.checkpoints.loader import load_model
+from metal_marlin.cli import main as cli_main
+from metal_marlin.eval import evaluation_windows, perplexity
+from metal_marlin.pipeline import awq_quantize_model, block_groups, fold_scales
+from metal_marlin.tokenizer import load_tokenizer
+
+PROMPT = "The capital of France is"
+TINY = dict(group_size=64, n_samples=4, seq_len=64, n_grid=5, verbose=False)
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(None)
+
+
+@pytest.fixture(scope="session")
+def quantized_dir(tmp_path_factory) -> Path:
+    """SmolLM2 at 4 bits, group 64, pure int4 (loadable by mlx-lm), tiny calibration."""
+    out = tmp_path_factory.mktemp("q") / "smollm2-w4g64"
+    awq_quantize_model(None, out, salient_ratio=0.0, **TINY)
+    return out
+
+
+@pytest.fixture(scope="session")
+def eval_windows(tokenizer) -> np.ndarray:
+    windows, _ = evaluation_windows(tokenizer, window=256, max_windows=3)
+    return windows
+
+
+def greedy(model, ids: list[int], n: int) -> list[int]:
+    ids = list(ids)
+    for _ in range(n):
+        logits = model(mx.array([ids]))
+        ids.append(int(mx.argmax(logits[0, -1]).item()))
+    return ids
+
+
+# ---------------------------------------------------------------- folding
+
+
+def test_folded_scales_leave_the_float_model_unchanged(smollm2, tokenizer) -> None:
+    model = smollm2.model
+    saved = dict(tree_flatten(model.parameters()))
+    tokens = mx.array([tokenizer.encode(PROMPT, add_special_tokens=False)])
+    before = model(tokens)
+    rng = np.random.default_rng(0)
+    try:
+        for block in model.model.layers:
+            groups = block_groups(block)
+            widths = {g.name: _width(block, g) for g in groups}
+            scales = {
+                g.name: np.exp(rng.normal(0, 0.7, size=widths[g.name])).astype(np.float32)
+                for g in groups
+                if g.previous is not None
+            }
+            fold_scales(block, groups, scales)
+        after = model(tokens)
+        changed = np.abs(np.array(model.model.layers[0].self_attn.q_proj.weight) - np.array(saved["model.layers.0.self_attn.q_proj.weight"])).max()
+        assert changed > 1e-3  # the weights really moved
+        np.testing.assert_allclose(np.array(after), np.array(before), rtol=0, atol=2e-3 * float(mx.abs(before).max().item()))
+        assert np.array_equal(np.argmax(np.array(after), -1), np.argmax(np.array(before), -1))
+    finally:
+        model.load_weights(list(saved.items()))
+
+
+def _width(block, group) -> int:
+    from metal_marlin.pipeline import _module
+
+    return _module(block, group.linears[0]).weight.shape[1]
+
+
+# ---------------------------------------------------------------- output format
+
+
+def test_output_folder_is_complete_and_mlx_layout(quantized_dir: Path) -> None:
+    names = {p.name for p in quantized_dir.iterdir()}
+    assert {"model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json", "quant_stats.json"} <= names
+    assert not [n for n in names if "tmp" in n]
+    config = json.loads((quantized_dir / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 64, "bits": 4}
+    stats = json.loads((quantized_dir / "quant_stats.json").read_text())
+    assert len(stats["blocks"]) == 30 and stats["bits_per_weight"] == pytest.approx(4.5)
+    assert stats["blocks_awq"] + stats["blocks_rtn"] == 30 and stats["blocks_awq"] >= 20
+    first = stats["blocks"][0]
+    assert first["block_output_error"] <= first["block_rtn_output_error"]
+    q = first["linears"]["self_attn.q_proj"]
+    assert len(q["scales"]) == 576 and q["alpha"] >= 0
+    weights = mx.load(str(quantized_dir / "model.safetensors"))
+    w = weights["model.layers.0.mlp.down_proj.weight"]
+    assert w.dtype == mx.uint32 and w.shape == (576, 1536 * 4 // 32)
+    assert weights["model.layers.0.mlp.down_proj.scales"].shape == (576, 1536 // 64)
+    assert "lm_head.weight" not in weights  # tied embeddings stay tied
+
+
+def test_quantized_model_matches_mlx_lm_greedy_tokens(quantized_dir: Path, tokenizer) -> None:
+    import mlx_lm
+
+    ours = load_model(quantized_dir).model
+    theirs, their_tokenizer = mlx_lm.load(str(quantized_dir))
+    theirs.set_dtype(mx.float32)  # mlx-lm computes in the stored float16; compare like with like
+    ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+    assert their_tokenizer.encode(PROMPT) == ids
+    our_logits = np.array(ours(mx.array([ids])))
+    their_logits = np.array(theirs(mx.array([ids])).astype(mx.float32))
+    np.testing.assert_allclose(our_logits, their_logits, rtol=0, atol=1e-3 * np.abs(their_logits).max())
+    assert greedy(ours, ids, 6) == greedy(theirs, ids, 6)
+
+
+def test_quantized_model_stays_close_to_the_original(quantized_dir: Path, smollm2, eval_windows) -> None:
+    base = perplexity(smollm2.model, eval_windows).perplexity
+    quant = perplexity(load_model(quantized_dir).model, eval_windows).perplexity
+    assert base < quant < base * 1.35, (base, quant)
+
+
+def test_awq_beats_round_to_nearest_at_3_bits(tmp_path: Path, eval_windows) -> None:
+    """The product's promise on a real model: lower perplexity than plain rounding."""
+    settings = dict(TINY, bits=3, salient_ratio=0.0)
+    awq_quantize_model(None, tmp_path / "awq", **settings)
+    awq_quantize_model(None, tmp_path / "rtn", method="rtn", **settings)
+    ppl_awq = perplexity(load_model(tmp_path / "awq").model, eval_windows).perplexity
+    ppl_rtn = perplexity(load_model(tmp_path / "rtn").model, eval_windows).perplexity
+    assert ppl_awq < 0.95 * ppl_rtn, (ppl_awq, ppl_rtn)
+
+
+def test_salient_channels_are_stored_and_served(tmp_path: Path, smollm2, tokenizer) -> None:
+    stats = awq_quantize_model(None, tmp_path / "s", salient_ratio=0.01, **dict(TINY, n_grid=2))
+    assert stats["bits_per_weight"] > 4.5
+    weights = mx.load(str(tmp_path / "s" / "model.safetensors"))
+    idx = weights["model.layers.3.mlp.down_proj.salient_indices"]
+    assert idx.shape == (15,) and weights["model.layers.3.mlp.down_proj.salient_weight"].shape == (576, 15)
+    model = load_model(tmp_path / "s").model
+    ids = tokenizer.encode(PROMPT, add_special_tokens=False)
+    assert greedy(model, ids, 1)[-1] == greedy(smollm2.model, ids, 1)[-1]  # " Paris" survives
+
+
+# ---------------------------------------------------------------- calibration data
+
+
+def test_calibration_and_evaluation_splits_are_disjoint_and_fixed() -> None:
+    calib, held_out = wikipedia_text("calibration"), wikipedia_text("evaluation")
+    assert len(held_out) > 900 and len(calib) > 8 * len(held_out)
+    assert not set(calib) & set(held_out)
+    assert wikipedia_text("evaluation")[:3] == held_out[:3]
+
+
+def test_calibration_tokens_shape_and_errors(tokenizer, tmp_path: Path) -> None:
+    ids = calibration_tokens(tokenizer, 3, 32)
+    assert ids.shape == (3, 32) and ids.dtype == np.int32
+    text = tmp_path / "t.txt"
+    text.write_text("short text")
+    with pytest.raises(ValueError, match="has only .* tokens"):
+        calibration_tokens(tokenizer, 2, 512, text)
+    with pytest.raises(ValueError, match="n_samples"):
+        calibration_tokens(tokenizer, 0, 32)
+
+
+def test_activations_file_round_trip_and_validation(tmp_path: Path) -> None:
+    ids = np.arange(12, dtype=np.int32).reshape(2, 6)
+    good = tmp_path / "a.npz"
+    save_activations(good, CalibrationBatch(ids, np.ones((2, 6, 8), np.float32)))
+    batch = load_activations(good, hidden_size=8, vocab_size=100)
+    assert np.array_equal(batch.input_ids, ids) and batch.hidden_states.shape == (2, 6, 8)
+
+    cases = {
+        "wrong_key": ({"tokens": ids}, "unexpected key"),
+        "missing": ({"hidden_states": np.ones((2, 6, 8))}, "missing key 'input_ids'"),
+        "shape": ({"input_ids": ids, "hidden_states": np.ones((2, 6, 9))}, "expected \\(2, 6, 8\\)"),
+        "vocab": ({"input_ids": ids + 100}, "outside \\[0, 100\\)"),
+        "float_ids": ({"input_ids": ids.astype(np.float32)}, "integer array"),
+        "pickled": ({"input_ids": np.array([{"x": 1}], dtype=object)}, "pickled"),
+    }
+    for name, (arrays, pattern) in cases.items():
+        path = tmp_path / f"{name}.npz"
+        np.savez(path, **arrays)
+        with pytest.raises(ValueError, match=pattern):
+            load_activations(path, hidden_size=8, vocab_size=100)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="not a valid .npz"):
+        load_activations(garbage, 8, 100)
+
+
+# ---------------------------------------------------------------- eval and CLI
+
+
+def test_perplexity_of_uniform_logits_is_the_vocabulary_size() -> None:
+    vocab = 37
+    result = perplexity(lambda tokens: mx.zeros((*tokens.shape, vocab)), np.zeros((3, 10), np.int32))
+    assert result.perplexity == pytest.approx(vocab, rel=1e-5)
+    assert result.n_predicted_tokens == 27
+
+
+def test_cli_reports_user_errors_in_one_line(capsys, tmp_path: Path) -> None:
+    assert cli_main(["quantize", "--output-path", str(tmp_path / "o"), "--group-size", "128", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["metal-marlin: error: group_size=128 does not divide in_features=576; choose a group_size that divides it (e.g. [32, 64])"]
+    assert cli_main(["eval", "--model", str(tmp_path / "missing")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

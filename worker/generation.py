@@ -1,0 +1,204 @@
+"""Models for generation: loaded on first use, evicted least-recently-used under a memory budget.
+
+A model id is the built-in model's name (``smollm2-135m-instruct``) or the id of a succeeded
+quantization job (its folder ``<data>/jobs/<id>/``). Each loaded model is an
+:class:`~metal_marlin.generate.engine.Engine` with its own
+:class:`~metal_marlin.generate.scheduler.BatchScheduler` (continuous batching thread).
+
+Memory: a model's size is estimated from its files before loading (so room can be made
+first) and measured from its parameters after. Loading a model evicts idle models, least
+recently used first, until the budget holds; models with requests in flight are never
+evicted. A model that cannot fit is refused (503), never loaded over the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from metal_marlin.assets import BUILTIN_MODEL_NAME, builtin_model_path
+from worker.jobstore import JobStore, is_job_id
+from worker.runner import result_dir
+
+log = logging.getLogger("metal_marlin.worker.models")
+
+MIB = 1 << 20
+
+
+class ModelNotFound(Exception):
+    pass
+
+
+class ModelUnavailable(Exception):
+    """The model cannot be loaded within the memory budget right now (maps to 503)."""
+
+
+@dataclass
+class LoadedModel:
+    id: str
+    path: Path | None
+    engine: Any
+    scheduler: Any
+    nbytes: int
+    active: int = 0
+    last_used: float = field(default_factory=time.monotonic)
+    _token_text: dict[int, tuple[str, list[int]]] = field(default_factory=dict)
+
+    def token_text(self, token_id: int) -> tuple[str, list[int]]:
+        """The text of one token and its UTF-8 bytes (for logprobs)."""
+        cached = self._token_text.get(token_id)
+        if cached is None:
+            text = self.engine.tokenizer.decode([token_id])
+            cached = (text, list(text.encode("utf-8")))
+            if len(self._token_text) < 200_000:
+                self._token_text[token_id] = cached
+        return cached
+
+    def close(self) -> None:
+        self.scheduler.shutdown(wait=True, timeout=10.0)
+
+
+def _files_size(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def _param_bytes(engine: Any) -> int:
+    from mlx.utils import tree_flatten
+
+    return int(sum(v.nbytes for _, v in tree_flatten(engine.model.parameters())))
+
+
+class ModelRegistry:
+    def __init__(self, data_dir: Path, store: JobStore, budget_bytes: int, *, max_batch_size: int = 16) -> None:
+        self.data_dir = Path(data_dir)
+        self.store = store
+        self.budget_bytes = int(budget_bytes)
+        self.max_batch_size = max_batch_size
+        self._models: dict[str, LoadedModel] = {}
+        self._doomed: set[str] = set()
+        self._measured: dict[str, int] = {}
+        self._load_lock = asyncio.Lock()
+
+    # -- lookup ---------------------------------------------------------------------------
+    def resolve(self, model_id: str) -> Path | None:
+        """Path to load for ``model_id`` (None: the built-in model); ModelNotFound otherwise."""
+        if model_id == BUILTIN_MODEL_NAME:
+            return None
+        if is_job_id(model_id):
+            job = self.store.get(model_id)
+            folder = result_dir(self.data_dir, model_id)
+            if job is not None and job.status == "succeeded" and (folder / "model.safetensors").is_file():
+                return folder
+        raise ModelNotFound(f"the model {model_id!r} does not exist")
+
+    def estimate_bytes(self, model_id: str, path: Path | None) -> int:
+        if model_id in self._measured:
+            return self._measured[model_id]
+        if path is None:
+            # a 4-bit GGUF dequantized to float32: ~6-8x its file size
+            return 7 * builtin_model_path().stat().st_size
+        # float16 tensors are loaded as float32 (x2); packed int4 stays packed
+        return 2 * _files_size(path)
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(m.nbytes for m in self._models.values())
+
+    def loaded(self) -> list[LoadedModel]:
+        return sorted(self._models.values(), key=lambda m: m.last_used)
+
+    # -- acquire / release ----------------------------------------------------------------
+    async def acquire(self, model_id: str) -> LoadedModel:
+        """The loaded model, marked in use (call :meth:`release` when done)."""
+        path = await asyncio.to_thread(self.resolve, model_id)  # also re-checks a job still exists
+        entry = self._models.get(model_id)
+        if entry is None:
+            async with self._load_lock:
+                entry = self._models.get(model_id)
+                if entry is None:
+                    entry = await self._load(model_id, path)
+        self._doomed.discard(model_id)  # wanted again (and it still exists): keep it
+        entry.active += 1
+        entry.last_used = time.monotonic()
+        return entry
+
+    def release(self, entry: LoadedModel) -> None:
+        entry.active = max(0, entry.active - 1)
+        entry.last_used = time.monotonic()
+        if entry.active == 0 and entry.id in self._doomed:
+            self._evict(entry.id)
+
+    def unload(self, model_id: str) -> bool:
+        """Unload now if idle, else as soon as its last request ends. False if not loaded."""
+        entry = self._models.get(model_id)
+        if entry is None:
+            return False
+        if entry.active == 0:
+            self._evict(model_id)
+        else:
+            self._doomed.add(model_id)
+        return True
+
+    def close_all(self) -> None:
+        for model_id in list(self._models):
+            self._evict(model_id)
+
+    # -- internals ------------------------------------------------------------------------
+    def _evict(self, model_id: str) -> None:
+        entry = self._models.pop(model_id, None)
+        self._doomed.discard(model_id)
+        if entry is None:
+            return
+        log.info("unloading model %s (%.0f MiB)", model_id, entry.nbytes / MIB)
+        try:
+            entry.close()
+        finally:
+            import mlx.core as mx
+
+            mx.clear_cache()
+
+    def _make_room(self, need: int, keep: str | None = None) -> None:
+        if need > self.budget_bytes:
+            raise ModelUnavailable(
+                f"the model needs about {need / MIB:.0f} MiB, more than the worker's memory budget "
+                f"of {self.budget_bytes / MIB:.0f} MiB (MM_WORKER_MEMORY_MB)"
+            )
+        for entry in self.loaded():  # least recently used first
+            if self.used_bytes + need <= self.budget_bytes:
+                return
+            if entry.active == 0 and entry.id != keep:
+                self._evict(entry.id)
+        if self.used_bytes + need > self.budget_bytes:
+            raise ModelUnavailable(
+                f"not enough memory budget to load the model now ({need / MIB:.0f} MiB needed, "
+                f"{(self.budget_bytes - self.used_bytes) / MIB:.0f} MiB free, the rest is serving requests); retry later"
+            )
+
+    async def _load(self, model_id: str, path: Path | None) -> LoadedModel:
+        self._make_room(self.estimate_bytes(model_id, path))
+        log.info("loading model %s from %s", model_id, path or "the built-in GGUF")
+        started = time.monotonic()
+        entry = await asyncio.to_thread(self._load_sync, model_id, path)
+        self._measured[model_id] = entry.nbytes
+        self._models[model_id] = entry
+        log.info("loaded model %s: %.0f MiB in %.1f s", model_id, entry.nbytes / MIB, time.monotonic() - started)
+        if self.used_bytes > self.budget_bytes:  # the estimate was low: evict others, never this one
+            try:
+                self._make_room(0, keep=model_id)
+            except ModelUnavailable:
+                log.warning("memory budget exceeded by %.0f MiB", (self.used_bytes - self.budget_bytes) / MIB)
+        return entry
+
+    def _load_sync(self, model_id: str, path: Path | None) -> LoadedModel:
+        from metal_marlin.generate.engine import Engine
+        from metal_marlin.generate.scheduler import BatchScheduler
+
+        engine = Engine.load(path, max_batch_size=self.max_batch_size)
+        scheduler = BatchScheduler(engine)
+        return LoadedModel(model_id, path, engine, scheduler, _param_bytes(engine))

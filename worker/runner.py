@@ -1,0 +1,252 @@
+"""The worker's job loop: claim a queued job, run it in a child process, publish the result.
+
+Results live in ``<data>/jobs/<job_id>/``. A job writes into
+``<data>/jobs/.staging/<job_id>.<attempt>/``; only after the child exits successfully does
+the runner rename that folder into place (one ``rename``, atomic on one file system) and then
+mark the job ``succeeded`` (guarded: only if it is still this worker's running job; otherwise
+the folder is removed again). A result is therefore visible exactly when its job has
+succeeded, whatever crashes in between.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from worker.job_process import EXIT_CANCELLED, EXIT_INVALID, EXIT_LOST, EXIT_OK
+from worker.jobstore import Job, JobStore, is_job_id
+from worker.proc import describe_exit
+
+log = logging.getLogger("metal_marlin.worker.jobs")
+
+RESULT_SUMMARY_KEYS = (
+    "bits",
+    "group_size",
+    "salient_ratio",
+    "activation_method",
+    "n_grid",
+    "duo_scaling",
+    "calibration_tokens",
+    "blocks_awq",
+    "blocks_rtn",
+    "bits_per_weight",
+    "time_s",
+    "total_time_s",
+    "calibration",
+)
+
+
+def jobs_dir(data_dir: Path) -> Path:
+    return data_dir / "jobs"
+
+
+def result_dir(data_dir: Path, job_id: str) -> Path:
+    return jobs_dir(data_dir) / job_id
+
+
+def result_summary(folder: Path) -> dict[str, Any]:
+    """Files of a finished job (name, bytes) and the headline numbers of its quant_stats.json."""
+    files = sorted(
+        ({"filename": p.name, "bytes": p.stat().st_size} for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")),
+        key=lambda f: f["filename"],
+    )
+    stats: dict[str, Any] = {}
+    stats_path = folder / "quant_stats.json"
+    if stats_path.is_file():
+        raw = json.loads(stats_path.read_text(encoding="utf-8"))
+        stats = {k: raw[k] for k in RESULT_SUMMARY_KEYS if k in raw}
+    return {"files": files, "stats": stats}
+
+
+def remove_tree(path: Path, trash: Path) -> None:
+    """Make ``path`` disappear at once (rename into ``trash``), then delete it."""
+    if not path.exists():
+        return
+    trash.mkdir(parents=True, exist_ok=True)
+    target = trash / f"{path.name}.{os.getpid()}.{time.monotonic_ns()}"
+    try:
+        os.rename(path, target)
+    except OSError:
+        target = path
+    shutil.rmtree(target, ignore_errors=True)
+
+
+def cleanup_data_dir(store: JobStore, data_dir: Path) -> None:
+    """At worker start: drop staging/trash leftovers and result folders of jobs that did not succeed."""
+    root = jobs_dir(data_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    for name in (".staging", ".trash"):
+        shutil.rmtree(root / name, ignore_errors=True)
+    for child in root.iterdir():
+        if child.is_dir() and is_job_id(child.name):
+            job = store.get(child.name)
+            if job is None or job.status != "succeeded":
+                remove_tree(child, root / ".trash")
+
+
+class JobRunner:
+    """A daemon thread that runs queued jobs one at a time."""
+
+    def __init__(
+        self,
+        store: JobStore,
+        data_dir: Path,
+        worker_id: str,
+        *,
+        roots: str = "",
+        python: str = sys.executable,
+        env: Mapping[str, str] | None = None,
+        poll_interval_s: float = 1.0,
+        cancel_grace_s: float = 10.0,
+    ) -> None:
+        self.store = store
+        self.data_dir = Path(data_dir)
+        self.worker_id = worker_id
+        self.roots = roots
+        self.python = python
+        self.env = dict(env) if env is not None else None
+        self.poll_interval_s = poll_interval_s
+        self.cancel_grace_s = cancel_grace_s
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._child: subprocess.Popen[bytes] | None = None
+        self.current_job: str | None = None
+        self.jobs_run = 0
+
+    # -- control --------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="job-runner", daemon=True)
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def stop(self, timeout_s: float = 15.0) -> None:
+        """Stop taking jobs; a running job is stopped and put back in the queue."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # -- loop -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                job = self.store.claim(self.worker_id)
+            except Exception:  # noqa: BLE001 - a locked/busy database must not kill the loop
+                log.exception("could not claim a job")
+                job = None
+            if job is None:
+                self._wake.wait(self.poll_interval_s)
+                self._wake.clear()
+                continue
+            self.current_job = job.id
+            try:
+                self._run(job)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("job %s: runner error", job.id)
+                self.store.finish(
+                    job.id, self.worker_id, "failed",
+                    error={"code": "internal_error", "message": f"worker error: {exc}"},
+                    message=f"Job failed: worker error: {exc}",
+                )
+            finally:
+                self.current_job = None
+                self.jobs_run += 1
+
+    def _run(self, job: Job) -> None:
+        root = jobs_dir(self.data_dir)
+        staging_root = root / ".staging"
+        staging_root.mkdir(parents=True, exist_ok=True)
+        staging = staging_root / f"{job.id}.{job.attempts}"
+        error_file = staging_root / f"{job.id}.{job.attempts}.error.json"
+        shutil.rmtree(staging, ignore_errors=True)
+        error_file.unlink(missing_ok=True)
+        cmd = [
+            self.python, "-m", "worker.job_process",
+            "--data-dir", str(self.data_dir),
+            "--job-id", job.id,
+            "--worker", self.worker_id,
+            "--output", str(staging),
+            "--error-file", str(error_file),
+            "--roots", self.roots,
+            "--parent-pid", str(os.getpid()),
+        ]
+        log.info("job %s: starting (attempt %d)", job.id, job.attempts)
+        self._child = child = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
+        cancel_seen_at: float | None = None
+        stopped_for_shutdown = False
+        try:
+            while True:
+                try:
+                    returncode = child.wait(timeout=0.5)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                if self._stopping.is_set() and not stopped_for_shutdown:
+                    stopped_for_shutdown = True
+                    child.send_signal(signal.SIGKILL)
+                    continue
+                if cancel_seen_at is None and self.store.cancel_requested(job.id):
+                    cancel_seen_at = time.monotonic()
+                if cancel_seen_at is not None and time.monotonic() - cancel_seen_at > self.cancel_grace_s:
+                    log.warning("job %s: did not stop within %.0f s of cancellation; killing it", job.id, self.cancel_grace_s)
+                    child.send_signal(signal.SIGKILL)
+                    cancel_seen_at = float("inf")
+        finally:
+            self._child = None
+        self._finish(job, returncode, staging, error_file, stopped_for_shutdown)
+
+    def _finish(self, job: Job, returncode: int, staging: Path, error_file: Path, shutdown: bool) -> None:
+        trash = jobs_dir(self.data_dir) / ".trash"
+        error: dict[str, Any] | None = None
+        if error_file.is_file():
+            try:
+                error = json.loads(error_file.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError):
+                error = None
+            error_file.unlink(missing_ok=True)
+        try:
+            if shutdown:
+                self.store.requeue(job.id, self.worker_id, "The worker shut down while this job ran; it was put back in the queue")
+                return
+            if returncode == EXIT_OK and (staging / "model.safetensors").is_file():
+                final = result_dir(self.data_dir, job.id)
+                remove_tree(final, trash)
+                os.rename(staging, final)
+                summary = result_summary(final)
+                if not self.store.finish(job.id, self.worker_id, "succeeded", result=summary, message="Job succeeded"):
+                    log.warning("job %s: finished, but it is no longer this worker's; discarding the result", job.id)
+                    remove_tree(final, trash)
+                return
+            cancelled = returncode == EXIT_CANCELLED or (returncode < 0 and self.store.cancel_requested(job.id))
+            if cancelled:
+                self.store.finish(job.id, self.worker_id, "cancelled", message="Job cancelled")
+                return
+            if returncode == EXIT_LOST:
+                return  # someone else already settled this job (e.g. failed it after a crash)
+            if error is None:
+                error = {"code": "job_process_died", "message": f"the job process {describe_exit(returncode)}"}
+                if returncode == -signal.SIGKILL:
+                    error["message"] += " (out of memory?)"
+            elif returncode not in (EXIT_INVALID,):
+                error.setdefault("code", "internal_error")
+            public = {"code": error.get("code", "internal_error"), "message": error.get("message", "job failed")}
+            self.store.finish(job.id, self.worker_id, "failed", error=public, message=f"Job failed: {public['message']}")
+        finally:
+            remove_tree(staging, trash)
