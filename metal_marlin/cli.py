@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 from metal_marlin.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
 
@@ -135,13 +135,44 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.set_defaults(func=run_generate_command)
 
-    for register in EXTRA_COMMANDS:
-        register(sub)
+    serve = sub.add_parser("serve", help="start the HTTP service (supervises its own worker)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--data-dir", default=None, help="default: $MM_DATA_DIR or ./data")
+    serve.set_defaults(func=run_serve)
+
+    worker = sub.add_parser("worker", help="run a worker process on its own")
+    worker.add_argument("--data-dir", required=True)
+    worker.add_argument("--socket-path", default=None)
+    worker.set_defaults(func=run_worker_command)
+
+    openapi = sub.add_parser("openapi", help="write openapi/openapi.json from the app")
+    openapi.add_argument("--output", default=None)
+    openapi.set_defaults(func=run_openapi)
     return parser
 
 
-EXTRA_COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = []
-"""Subcommands registered by other layers (service, formats) without this module importing them."""
+def run_serve(args: argparse.Namespace) -> int:
+    # The service layer is imported lazily: the library never depends on it.
+    from service.main import serve
+
+    serve(host=args.host, port=args.port, data_dir=args.data_dir)
+    return 0
+
+
+def run_worker_command(args: argparse.Namespace) -> int:
+    from worker.main import run_worker
+
+    run_worker(args.data_dir, args.socket_path)
+    return 0
+
+
+def run_openapi(args: argparse.Namespace) -> int:
+    from service.openapi_export import write_openapi
+
+    path = write_openapi(args.output) if args.output else write_openapi()
+    print(f"wrote {path}")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
