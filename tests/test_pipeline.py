@@ -216,3 +216,16 @@ def test_cli_reports_user_errors_in_one_line(capsys, tmp_path: Path) -> None:
     assert cli_main(["eval", "--model", str(tmp_path / "missing")]) == 2
     assert "not found" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_collect_writes_an_activations_file_the_pipeline_accepts(tmp_path: Path, smollm2, tokenizer) -> None:
+    from metal_marlin.pipeline import _calibration_batch
+
+    path = tmp_path / "activations.npz"
+    assert cli_main(["collect", "--output", str(path), "--n-samples", "2", "--seq-len", "16", "--hidden-states"]) == 0
+    batch, source = _calibration_batch(smollm2.model, tokenizer, path, None, 128, 512)
+    assert batch.input_ids.shape == (2, 16) and batch.hidden_states.shape == (2, 16, 576)
+    assert np.array_equal(batch.input_ids, calibration_tokens(tokenizer, 2, 16))
+    expected = np.array(smollm2.model.model.embed_tokens(mx.array(batch.input_ids)))
+    np.testing.assert_allclose(batch.hidden_states, expected, rtol=1e-3, atol=1e-3)  # stored as float16
+    assert "activations file" in source
