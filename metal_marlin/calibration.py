@@ -25,7 +25,7 @@ from typing import Any, Literal, Protocol, Sequence
 
 import numpy as np
 
-from metal_marlin.assets import wikipedia_summaries_path
+from metal_marlin.assets import kjv_bible_path, wikipedia_summaries_path
 
 DEFAULT_N_SAMPLES = 128
 DEFAULT_SEQ_LEN = 512
@@ -57,6 +57,23 @@ def wikipedia_text(split: Split) -> list[str]:
         raise ValueError(f"split must be 'calibration' or 'evaluation', got {split!r}")
     held_out = split == "evaluation"
     return [text for i, (_, text) in enumerate(_wikipedia_articles()) if (i % HELD_OUT_EVERY == 0) == held_out]
+
+
+@lru_cache(maxsize=1)
+def kjv_first_chapters() -> tuple[str, ...]:
+    """Out-of-domain evaluation text: chapter 1 of every book of the King James Bible.
+
+    Archaic narrative, law, poetry, prophecy and letters, nothing like encyclopedia
+    summaries; one chapter per book, in canonical order, so a few windows already span
+    several genres. Never used for calibration.
+    """
+    chapters: dict[str, list[str]] = {}
+    with open(kjv_bible_path(), encoding="utf-8") as handle:
+        for line in handle:
+            verse = json.loads(line)
+            if verse["chapter"] == 1:
+                chapters.setdefault(verse["book"], []).append(verse["text"].strip())
+    return tuple(" ".join(verses) for verses in chapters.values())
 
 
 def _check_positive(name: str, value: int) -> None:

