@@ -4,7 +4,7 @@ All quantizers see the same calibration tokens (the built-in Wikipedia calibrati
 tokenized by our SmolLM2 tokenizer) and every model is scored on the same windows of two
 texts: held-out Wikipedia (in-domain) and the King James Bible (out-of-domain; never used
 for calibration). Besides the three quantizers at each (bits, group) setting, ours also runs
-with fp16 salient channels (``--salient-ratios``) to trace perplexity against bits/weight.
+with fp16 salient channels (``--salient-ratios``, at the first setting) to trace perplexity against bits/weight.
 A setting whose group does not divide the model's widths (SmolLM2: 576 is not a multiple of
 128) is reported as skipped, not silently changed.
 Each quantizer runs in its own child process, so its peak RSS (``ru_maxrss`` right after
@@ -182,7 +182,8 @@ def main() -> None:
             skipped.append({"bits": bits, "group_size": group, "reason": str(exc)})
             continue
         jobs += [(q, bits, group, 0.0) for q in QUANTIZERS]  # quantizers alternate within each setting
-        jobs += [("ours", bits, group, r) for r in salient_ratios]
+        if len(jobs) == 1 + len(QUANTIZERS):  # the salient sweep runs at the first valid setting
+            jobs += [("ours", bits, group, r) for r in salient_ratios]
 
     results = []
     started = time.time()
