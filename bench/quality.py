@@ -206,10 +206,10 @@ def main() -> None:
         "skipped": skipped,
         "results": results,
     }
-    print(render_table(report))
-    if args.json:
+    if args.json:  # first: an hour of measurements must not be lost to a formatting error
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=1))
+    print(render_table(report))
 
 
 def render_table(report: dict[str, Any]) -> str:
