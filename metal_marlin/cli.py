@@ -100,6 +100,16 @@ def run_generate_command(args: argparse.Namespace) -> int:
     )
 
 
+def run_export(args: argparse.Namespace) -> int:
+    from metal_marlin.checkpoints.autoawq import export_autoawq, import_autoawq
+
+    convert = export_autoawq if args.format == "autoawq" else import_autoawq
+    path = convert(args.model, args.output)
+    layout = "AutoAWQ GEMM" if args.format == "autoawq" else "native MLX-layout"
+    print(f"wrote {path}: {layout} folder")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metal-marlin", description="AWQ quantization and int4 serving on MLX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,6 +144,12 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=None)
     generate.set_defaults(func=run_generate_command)
+
+    export = sub.add_parser("export", help="convert a 4-bit folder: native MLX layout <-> AutoAWQ GEMM")
+    export.add_argument("--model", required=True, help="folder to convert (native for autoawq, AutoAWQ for native)")
+    export.add_argument("--output", required=True, help="new folder to write")
+    export.add_argument("--format", required=True, choices=("autoawq", "native"), help="layout to write")
+    export.set_defaults(func=run_export)
 
     serve = sub.add_parser("serve", help="start the HTTP service (supervises its own worker)")
     serve.add_argument("--host", default="127.0.0.1")

@@ -24,6 +24,17 @@ def smollm2():
     return load_builtin_model()
 
 
+@pytest.fixture(scope="session")
+def quantized_dir(tmp_path_factory):
+    """SmolLM2 at 4 bits, group 64, pure int4 (mlx-lm and AutoAWQ can read it), tiny
+    calibration: one real AWQ run (~60 s here) shared by every test module that needs it."""
+    from metal_marlin.pipeline import awq_quantize_model
+
+    out = tmp_path_factory.mktemp("q") / "smollm2-w4g64"
+    awq_quantize_model(None, out, group_size=64, salient_ratio=0.0, n_samples=4, seq_len=64, n_grid=5, verbose=False)
+    return out
+
+
 def tiny_checkpoint(
     model_type: str = "llama", *, tie: bool = True, seed: int = 0, **overrides: Any
 ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -34,14 +34,6 @@ def tokenizer():
 
 
 @pytest.fixture(scope="session")
-def quantized_dir(tmp_path_factory) -> Path:
-    """SmolLM2 at 4 bits, group 64, pure int4 (loadable by mlx-lm), tiny calibration."""
-    out = tmp_path_factory.mktemp("q") / "smollm2-w4g64"
-    awq_quantize_model(None, out, salient_ratio=0.0, **TINY)
-    return out
-
-
-@pytest.fixture(scope="session")
 def eval_windows(tokenizer) -> np.ndarray:
     windows, _ = evaluation_windows(tokenizer, window=256, max_windows=3)
     return windows

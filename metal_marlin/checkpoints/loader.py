@@ -1,8 +1,9 @@
 """One entry point from a path to a ready ``LlamaModel``.
 
-Accepts a ``.gguf`` file (dequantized to float), a Hugging Face folder, or an MLX-layout
+Accepts a ``.gguf`` file (dequantized to float), a Hugging Face folder, an MLX-layout
 quantized folder (ours or mlx-lm's: ``config.json`` has ``"quantization"``; ours may add
-``salient_indices``/``salient_weight`` tensors). The returned metadata tells callers
+``salient_indices``/``salient_weight`` tensors), or an AutoAWQ GEMM folder (converted in
+memory to the MLX layout, see ``autoawq``). The returned metadata tells callers
 (generation, the service) what they need besides the weights: chat template, special
 token ids, context length, and how the weights are quantized.
 """
@@ -19,6 +20,7 @@ import numpy as np
 from ..assets import builtin_model_path
 from ..models.layers import quantize_model_layers
 from ..models.llama import LlamaConfig, LlamaModel
+from .autoawq import autoawq_quantization, awq_to_native_weights
 from .gguf_reader import read_gguf
 from .hf import read_hf_config, read_hf_metadata, read_hf_weights
 
@@ -78,7 +80,7 @@ def _quantization(config: Mapping[str, Any]) -> dict[str, Any] | None:
         return dict(legacy)  # older mlx-lm wrote only "quantization_config"
     raise ValueError(
         f"checkpoint quantized with quant_method={method!r}; only MLX-layout affine "
-        "quantization loads directly (AutoAWQ checkpoints go through metal_marlin.formats)"
+        "quantization and AutoAWQ GEMM checkpoints load"
     )
 
 
@@ -87,8 +89,11 @@ def load_hf_folder(folder: str | Path, dtype: mx.Dtype = mx.float32) -> LoadedMo
     folder = Path(folder)
     raw = read_hf_config(folder)
     config = LlamaConfig.from_hf_dict(raw)
-    quant = _quantization(raw)
+    awq = autoawq_quantization(raw)
+    quant = None if awq is not None else _quantization(raw)
     weights = read_hf_weights(folder)
+    if awq is not None:
+        weights, quant = awq_to_native_weights(weights, awq, str(folder))
     model = build_model(config, weights, quantization=quant, dtype=dtype)
     metadata = {
         "source": str(folder),
@@ -118,9 +123,10 @@ def load_model(path: str | Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
     """Load a ``.gguf`` file or a model folder; returns ``(model, config, metadata)``.
 
     metadata keys: ``source``, ``format`` ("gguf" | "hf"), ``quantization`` (the MLX
-    ``{"group_size", "bits", ...}`` dict or None), ``chat_template``, ``bos_token_id``,
-    ``eos_token_id`` (first id), ``eos_token_ids`` (all), ``context_length``; GGUF adds
-    ``gguf_tokenizer`` (the ``tokenizer.ggml.*`` fields), HF adds ``salient_layers``.
+    ``{"group_size", "bits", ...}`` dict or None; for an AutoAWQ folder, its MLX
+    equivalent), ``chat_template``, ``bos_token_id``, ``eos_token_id`` (first id),
+    ``eos_token_ids`` (all), ``context_length``; GGUF adds ``gguf_tokenizer`` (the
+    ``tokenizer.ggml.*`` fields), HF adds ``salient_layers``.
     """
     path = Path(path)
     if path.is_dir():
