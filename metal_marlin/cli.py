@@ -81,7 +81,7 @@ def run_collect(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from metal_marlin.eval import evaluate_model
 
-    result = evaluate_model(args.model, args.window, args.max_windows, args.text_path, args.batch_size)
+    result = evaluate_model(args.model, args.window, args.max_windows, args.text_path, args.batch_size, corpus=args.corpus)
     print(json.dumps(result.as_dict(), indent=1))
     return 0
 
@@ -127,9 +127,11 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--hidden-states", action="store_true", help="also store the first block's input")
     collect.set_defaults(func=run_collect)
 
-    evaluate = sub.add_parser("eval", help="perplexity on held-out Wikipedia (or --text)")
+    evaluate = sub.add_parser("eval", help="perplexity on held-out Wikipedia (or --corpus kjv, or --text)")
     evaluate.add_argument("--model", default=None, help="model path (default: built-in SmolLM2)")
-    evaluate.add_argument("--text", dest="text_path", default=None)
+    evaluate.add_argument("--text", dest="text_path", default=None, help="a UTF-8 text file instead of a built-in corpus")
+    evaluate.add_argument("--corpus", choices=("wikipedia", "kjv"), default="wikipedia",
+                          help="built-in text: held-out Wikipedia, or the out-of-domain King James Bible")
     evaluate.add_argument("--window", type=int, default=512)
     evaluate.add_argument("--max-windows", type=int, default=None)
     evaluate.add_argument("--batch-size", type=int, default=4)

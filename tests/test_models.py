@@ -315,3 +315,24 @@ def test_from_linear_round_to_nearest_is_close():
     q = QuantizedLinear.from_linear(lin, group_size=32, bits=8)
     x = mx.random.normal((4, 128), key=mx.random.key(5))
     assert rel_err(q(x), lin(x)) < 1e-2
+
+
+def test_dense_cpu_weight_copies_compute_what_the_int4_kernels_compute() -> None:
+    from metal_marlin.models.layers import cache_dense_cpu_weights, dense_cpu_weight_bytes
+
+    mx.random.seed(3)
+    holder = nn.Module()
+    holder.proj = QuantizedLinear.from_linear(nn.Linear(256, 96), group_size=64, bits=4)
+    holder.embed = nn.QuantizedEmbedding(500, 128, group_size=64, bits=4)
+    x = mx.random.normal((5, 256))
+    h = mx.random.normal((2, 128))
+    before_proj, before_head = holder.proj(x), holder.embed.as_linear(h)
+    saved = {k for k, _ in tree_flatten(holder.parameters())}
+
+    added = cache_dense_cpu_weights(holder)
+    assert added == (96 * 256 + 500 * 128) * 4 == dense_cpu_weight_bytes(holder)
+    assert cache_dense_cpu_weights(holder) == 0  # idempotent
+    assert {k for k, _ in tree_flatten(holder.parameters())} == saved  # never saved with the model
+    np.testing.assert_allclose(np.array(holder.proj(x)), np.array(before_proj), rtol=1e-4, atol=1e-4)
+    dense_head = h @ holder.embed["_dense_weight"].T
+    np.testing.assert_allclose(np.array(dense_head), np.array(before_head), rtol=1e-4, atol=1e-4)

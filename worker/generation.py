@@ -103,8 +103,12 @@ class ModelRegistry:
         if path is None:
             # a 4-bit GGUF dequantized to float32: ~6-8x its file size
             return 7 * builtin_model_path().stat().st_size
-        # float16 tensors are loaded as float32 (x2); packed int4 stays packed
-        return 2 * _files_size(path)
+        # float16 tensors are loaded as float32 (x2); packed int4 stays packed, plus (on the
+        # CPU backend) a float32 copy of it, 8 bytes per stored int4 byte
+        from metal_marlin.generate.engine import dense_cpu_weights_default
+
+        size = _files_size(path)
+        return 2 * size + (8 * size if dense_cpu_weights_default() else 0)
 
     @property
     def used_bytes(self) -> int:
@@ -201,4 +205,4 @@ class ModelRegistry:
 
         engine = Engine.load(path, max_batch_size=self.max_batch_size)
         scheduler = BatchScheduler(engine)
-        return LoadedModel(model_id, path, engine, scheduler, _param_bytes(engine))
+        return LoadedModel(model_id, path, engine, scheduler, _param_bytes(engine) + engine.dense_weight_bytes)

@@ -22,6 +22,10 @@ context_length`` (``metadata["context_length"]``, else ``config.max_position_emb
 as OpenAI-compatible servers check it. It is refused with a ``ValueError`` that gives the
 numbers, before any compute.
 
+On MLX's CPU backend the engine by default keeps a float32 copy of every quantized matrix
+and multiplies with sgemm (``dense_cpu_weights``): MLX's CPU int4 kernel costs the same per
+row at any batch size, which would make batched decoding no faster than sequential.
+
 Every MLX call is made under :attr:`Engine.lock`, so the single-sequence API and a
 scheduler thread may share one engine; they then take turns step by step.
 """
@@ -30,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+import os
 import secrets
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -42,11 +47,21 @@ import mlx.core as mx
 from metal_marlin.generate.chat import encode_chat
 from metal_marlin.generate.sampling import SampleOutput, Sampler, SamplingParams, SamplingState
 from metal_marlin.generate.stopping import StreamDelta, TokenStreamer
+from metal_marlin.models.layers import cache_dense_cpu_weights
 
 if TYPE_CHECKING:
     from metal_marlin.tokenizer import Tokenizer
 
-__all__ = ["Engine", "EngineFinishReason", "GenerationResult", "StreamEvent"]
+__all__ = ["Engine", "EngineFinishReason", "GenerationResult", "StreamEvent", "dense_cpu_weights_default"]
+
+DENSE_CPU_WEIGHTS_ENV = "MM_DENSE_CPU_WEIGHTS"
+
+
+def dense_cpu_weights_default() -> bool:
+    """Whether engines keep float32 copies of quantized weights: on MLX's CPU backend,
+    unless ``MM_DENSE_CPU_WEIGHTS=0`` (e.g. to serve more models in less memory, at the
+    int4 kernel's speed). On Metal never: its int4 kernels are the fast path."""
+    return mx.default_device() == mx.cpu and os.environ.get(DENSE_CPU_WEIGHTS_ENV, "1") != "0"
 
 #: ``"stop"`` (EOS, stop token id or stop string), ``"length"`` (``max_tokens``),
 #: ``"cancelled"`` (:meth:`RequestHandle.cancel` or scheduler shutdown), ``"error"`` (the
@@ -197,6 +212,7 @@ class Engine:
         *,
         max_batch_size: int = 16,
         prefill_chunk: int = 256,
+        dense_cpu_weights: bool | None = None,
     ) -> None:
         for name, value in (("max_batch_size", max_batch_size), ("prefill_chunk", prefill_chunk)):
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -224,6 +240,11 @@ class Engine:
         if tokenizer.chat_template is None and self.metadata.get("chat_template"):
             tokenizer.chat_template = self.metadata["chat_template"]
         self.sampler = Sampler()
+        if dense_cpu_weights is None:
+            dense_cpu_weights = dense_cpu_weights_default()
+        #: Bytes of float32 weight copies kept for MLX's CPU backend (see
+        #: :func:`metal_marlin.models.layers.cache_dense_cpu_weights`); 0 on Metal.
+        self.dense_weight_bytes = cache_dense_cpu_weights(model) if dense_cpu_weights else 0
         #: Held around every MLX computation of this engine (see module docstring).
         self.lock = threading.RLock()
 

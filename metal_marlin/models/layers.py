@@ -47,6 +47,10 @@ def check_quant_params(group_size: int, bits: int, in_features: int, where: str 
 DENSE_ROWS_ON_CPU = 64
 """Rows (tokens) from which a CPU forward dequantizes and uses a dense matmul instead."""
 
+DENSE_WEIGHT_ATTR = "_dense_weight"
+"""Where :func:`cache_dense_cpu_weights` keeps a layer's float32 copy (not a parameter:
+MLX leaves ``_``-prefixed members out of ``parameters()``, so it is never saved)."""
+
 
 def kernel_group_params(scales: mx.array, biases: mx.array, group_size: int):
     """Scales/biases/group size the MLX kernels accept (group 256 -> repeated 128)."""
@@ -113,10 +117,19 @@ class QuantizedLinear(nn.Module):
             f"group_size={self.group_size}, bits={self.bits}, salient={k}"
         )
 
+    def dequantized_weight(self) -> mx.array:
+        """``[out, in]`` float32 weight of the integer part (salient columns are zero)."""
+        scales, biases, group = kernel_group_params(self.scales, self.biases, self.group_size)
+        return mx.dequantize(self.weight, scales, biases, group_size=group, bits=self.bits).astype(mx.float32)
+
     def __call__(self, x: mx.array) -> mx.array:
         scales, biases, group = kernel_group_params(self.scales, self.biases, self.group_size)
         rows = x.size // x.shape[-1] if x.shape[-1] else 0
-        if rows >= DENSE_ROWS_ON_CPU and mx.default_device() == mx.cpu:
+        dense = self.get(DENSE_WEIGHT_ATTR)
+        if dense is not None and mx.default_device() == mx.cpu:
+            # See cache_dense_cpu_weights: sgemm on a cached float copy.
+            y = (x.astype(mx.float32) @ dense.T).astype(x.dtype)
+        elif rows >= DENSE_ROWS_ON_CPU and mx.default_device() == mx.cpu:
             # MLX's CPU quantized_matmul is a scalar kernel whose cost grows linearly with
             # rows; for prefill and evaluation, dequantizing once and calling sgemm is
             # ~7x faster here. Decode batches (few rows) keep the int4 kernel.
@@ -213,3 +226,40 @@ def quantize_model_layers(
     new_modules = tree_map_with_path(swap, model.leaf_modules(), is_leaf=nn.Module.is_module)
     model.update_modules(new_modules)
     return swapped
+
+
+def cache_dense_cpu_weights(model: nn.Module) -> int:
+    """Keep a float32 dequantized copy of every quantized matrix, for MLX's CPU backend.
+
+    Why: MLX's CPU ``quantized_matmul`` is a scalar kernel (~1 GMAC/s here) whose cost grows
+    linearly with the number of rows, so a batch of 16 decode rows costs 16 single steps.
+    OpenBLAS sgemm on a cached float32 copy is memory-bound instead: a decode step costs
+    about the same for 1 or 16 rows. The price is memory, 4 bytes per weight on top of the
+    packed int4 (the returned byte count, which callers add to their memory accounting).
+    On Metal the int4 kernels are fast and this is not used.
+
+    The copy is exactly ``dequantize(W)``, so outputs equal the int4 kernel's up to float
+    summation order. Covers ``QuantizedLinear`` layers and a quantized tied embedding used
+    as the output head (``model.lm_logits`` picks that up). Returns the bytes added.
+    """
+    added = 0
+    for _, module in model.named_modules():
+        if isinstance(module, QuantizedLinear) and DENSE_WEIGHT_ATTR not in module:
+            dense = module.dequantized_weight()
+        elif isinstance(module, nn.QuantizedEmbedding) and DENSE_WEIGHT_ATTR not in module:
+            dense = mx.dequantize(
+                module.weight, module.scales, module.biases, group_size=module.group_size, bits=module.bits
+            ).astype(mx.float32)
+        else:
+            continue
+        mx.eval(dense)
+        setattr(module, DENSE_WEIGHT_ATTR, dense)
+        added += dense.nbytes
+    return added
+
+
+def dense_cpu_weight_bytes(model: nn.Module) -> int:
+    """Bytes held by :func:`cache_dense_cpu_weights` copies in ``model``."""
+    return sum(
+        module[DENSE_WEIGHT_ATTR].nbytes for _, module in model.named_modules() if DENSE_WEIGHT_ATTR in module
+    )

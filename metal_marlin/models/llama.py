@@ -32,6 +32,7 @@ import mlx.nn as nn
 import numpy as np
 
 from .cache import DEFAULT_STEP, KVCache, make_cache
+from .layers import DENSE_WEIGHT_ATTR
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -408,10 +409,13 @@ class LlamaModel(nn.Module):
 
     def lm_logits(self, h: mx.array) -> mx.array:
         """Final-normed hidden states ``[..., D]`` -> float32 logits ``[..., V]``."""
+        embed = self.model.embed_tokens
         if "lm_head" in self:
             out = self.lm_head(h)
+        elif DENSE_WEIGHT_ATTR in embed and mx.default_device() == mx.cpu:
+            out = h.astype(mx.float32) @ embed[DENSE_WEIGHT_ATTR].T  # see cache_dense_cpu_weights
         else:
-            out = self.model.embed_tokens.as_linear(h)
+            out = embed.as_linear(h)
         return out.astype(mx.float32)
 
     def __call__(
