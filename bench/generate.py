@@ -4,14 +4,19 @@ In one run, on the same 4-bit model folder (the built-in SmolLM2 quantized with
 ``mlx.nn.quantize``, group 64, unless ``--model`` names a folder):
 
 1. prompt (prefill) and decode tokens/s of ``Engine.stream`` vs ``mlx_lm.stream_generate``
-   (what ``mlx_lm.generate`` runs), greedy, the two alternated, median of ``--repeats``.
+   (what ``mlx_lm.generate`` runs), greedy, the engines alternated, median of ``--repeats``.
+   On MLX's CPU backend ours runs in both modes: the default (float32 copies of the
+   quantized matrices, sgemm) and the int4 kernel (``dense_cpu_weights=False``, what
+   mlx-lm uses).
    Both are timed the same way from outside: prompt tokens/s = prompt length / time to
    the first token; decode tokens/s = (tokens - 1) / time from the first to the last token.
 2. aggregate decode tokens/s of ``BatchScheduler`` at 1, 4 and 16 concurrent sequences
-   (decode tokens / time spent in decode steps), plus end-to-end tokens/s including prefill.
-3. a profile of one decode step: where the time goes.
+   (decode tokens / time spent in decode steps), plus end-to-end tokens/s including prefill,
+   in each mode.
+3. a profile of one decode step at batch 1 and 16, in each mode: where the time goes.
 
-Run: ``python bench/generate.py`` (about 3-5 minutes on 2 CPU cores).
+Run: ``python bench/generate.py`` (about 10 minutes on 2 CPU cores; ``--json PATH`` saves
+the results, which ``bench/results.py`` renders).
 """
 
 from __future__ import annotations
@@ -142,8 +147,8 @@ def profile_step(engine: Engine, batch: int, context: int = 64) -> list[tuple[st
         attn, mlp = layer.self_attn, layer.mlp
         h_mlp = mx.random.normal((batch, 1, model.config.intermediate_size))
         parts = {
-            "q/k/v/o projections (int4)": lambda: [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.o_proj(x)],
-            "gate/up/down projections (int4)": lambda: [mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj(h_mlp)],
+            "q/k/v/o projections": lambda: [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x), attn.o_proj(x)],
+            "gate/up/down projections": lambda: [mlp.gate_proj(x), mlp.up_proj(x), mlp.down_proj(h_mlp)],
             "2 RMSNorms": lambda: [layer.input_layernorm(x), layer.post_attention_layernorm(x)],
         }
         per_layer = {name: _timed(fn, 5) for name, fn in parts.items()}
@@ -164,7 +169,7 @@ def profile_step(engine: Engine, batch: int, context: int = 64) -> list[tuple[st
     sample = (time.perf_counter() - t) / 3 * 1e3
     rows = [("whole forward (evaluated)", step), ("  of which graph construction (Python)", build)]
     rows += [(f"  {name} x {n_layers} layers", ms * n_layers) for name, ms in per_layer.items()]
-    rows += [("  output head (int4 tied embedding, 49152 x 576)", head), ("sampler (greedy argmax + host copy)", sample)]
+    rows += [("  output head (tied 4-bit embedding, 49152 x 576)", head), ("sampler (greedy argmax + host copy)", sample)]
     return rows
 
 
@@ -177,62 +182,116 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--concurrency-prompt-tokens", type=int, default=12)
     parser.add_argument("--concurrency-tokens", type=int, default=8, help="tokens per sequence")
+    parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()
 
     import mlx_lm
 
-    print(f"machine: {describe_machine()}")
+    started = time.time()
+    machine = describe_machine()
+    print(f"machine: {machine}")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(args.model) if args.model else quantized_builtin(Path(tmp) / "smollm2-q4-g64")
-        engine = Engine.load(folder)
+        # Modes of our engine: on the CPU backend, float32 copies (default) and the int4 kernel.
+        modes = {"ours": Engine.load(folder)}
+        if modes["ours"].dense_weight_bytes:
+            modes["ours-int4-kernel"] = Engine.load(folder, dense_cpu_weights=False)
         their_model, their_tokenizer = mlx_lm.load(str(folder))
-        print(f"model: {folder} ({engine.metadata.get('quantization')})")
+        engine = modes["ours"]
+        print(f"model: {folder} ({engine.metadata.get('quantization')}); float32 copies: "
+              f"{engine.dense_weight_bytes / 2**20:.0f} MiB")
 
         texts = wiki_texts(64)
         prompt = engine.tokenizer.encode(" ".join(texts))[: args.prompt_tokens]
-        time_ours(engine, prompt[:8], 2)  # warm up both
+        for e in modes.values():  # warm up every engine
+            time_ours(e, prompt[:8], 2)
         time_mlx_lm(their_model, their_tokenizer, prompt[:8], 2)
-        results: dict[str, list[tuple[float, float, int]]] = {"ours": [], "mlx_lm": []}
+        names = [*modes, "mlx_lm"]
+        results: dict[str, list[tuple[float, float, int]]] = {name: [] for name in names}
         for r in range(args.repeats):
-            order = ("ours", "mlx_lm") if r % 2 == 0 else ("mlx_lm", "ours")
+            order = names if r % 2 == 0 else names[::-1]
             for name in order:
-                if name == "ours":
-                    results[name].append(time_ours(engine, prompt, args.decode_tokens))
-                else:
+                if name == "mlx_lm":
                     results[name].append(time_mlx_lm(their_model, their_tokenizer, prompt, args.decode_tokens))
+                else:
+                    results[name].append(time_ours(modes[name], prompt, args.decode_tokens))
                 print(f"  run {r + 1} {name}: prompt {results[name][-1][0]:.1f} tok/s, decode {results[name][-1][1]:.2f} tok/s "
                       f"({results[name][-1][2]} tokens)", flush=True)
 
-        conc = {}
+        conc: dict[str, dict[int, dict[str, float]]] = {name: {} for name in modes}
         for c in (int(x) for x in args.concurrency.split(",")):
             prompts = [engine.tokenizer.encode(t)[: args.concurrency_prompt_tokens] for t in texts[:c]]
-            conc[c] = concurrency_run(engine, prompts, args.concurrency_tokens)
-            print(f"  {c} concurrent: {conc[c]}", flush=True)
+            for name, e in modes.items():
+                conc[name][c] = concurrency_run(e, prompts, args.concurrency_tokens)
+                print(f"  {name}, {c} concurrent: {conc[name][c]}", flush=True)
 
-        profiles = {b: profile_step(engine, b) for b in (1, 16)}
+        profiles = {name: {b: profile_step(e, b) for b in (1, 16)} for name, e in modes.items()}
 
+    report = {
+        "benchmark": "generate",
+        "command": "python bench/generate.py " + " ".join(sys.argv[1:]),
+        "machine": machine,
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "model": "given folder" if args.model else "built-in SmolLM2-135M-Instruct, every linear + embedding 4-bit g64 (mlx.nn.quantize)",
+        "settings": vars(args),
+        "single": {
+            name: {
+                "prompt_tps": statistics.median(x[0] for x in runs),
+                "decode_tps": statistics.median(x[1] for x in runs),
+                "runs": runs,
+            }
+            for name, runs in results.items()
+        },
+        "concurrency": {name: {str(c): v for c, v in d.items()} for name, d in conc.items()},
+        "profiles": {name: {str(b): rows for b, rows in d.items()} for name, d in profiles.items()},
+    }
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=1))
     print()
-    print(f"### Single sequence, 4-bit SmolLM2-135M, {args.prompt_tokens}-token prompt, {args.decode_tokens} greedy tokens "
-          f"(median of {args.repeats}, alternated)\n")
-    print("| engine | prompt tokens/s | decode tokens/s |")
-    print("|---|---:|---:|")
-    for name, label in (("ours", "metal-marlin `Engine.stream`"), ("mlx_lm", "`mlx_lm.stream_generate`")):
-        p = statistics.median(x[0] for x in results[name])
-        d = statistics.median(x[1] for x in results[name])
-        print(f"| {label} | {p:.1f} | {d:.2f} |")
-    print(f"\n### Continuous batching (`BatchScheduler`), {args.concurrency_prompt_tokens}-token prompts, "
-          f"{args.concurrency_tokens} tokens each\n")
-    print("| concurrent sequences | aggregate decode tokens/s | decode step ms | end-to-end tokens/s (with prefill) |")
-    print("|---:|---:|---:|---:|")
-    for c, s in conc.items():
-        print(f"| {c} | {s['decode_tps']:.2f} | {s['step_ms']:.0f} | {s['e2e_tps']:.2f} |")
-    for b, rows in profiles.items():
-        print(f"\n### One decode step, batch {b}, 64 cached tokens (ms)\n")
-        print("| part | ms |")
-        print("|---|---:|")
-        for name, ms in rows:
-            print(f"| {name} | {ms:.1f} |")
+    print(render_tables(report))
     sys.stdout.flush()
+
+
+LABELS = {
+    "ours": "metal-marlin `Engine.stream` (CPU: float32 copies)",
+    "ours-int4-kernel": "metal-marlin `Engine.stream` (int4 kernel)",
+    "mlx_lm": "`mlx_lm.stream_generate` (int4 kernel)",
+}
+
+
+def render_tables(report: dict) -> str:
+    """Markdown tables of a generate report (also used by bench/results.py)."""
+    s = report["settings"]
+    lines = [
+        f"Single sequence, {s['prompt_tokens']}-token prompt, {s['decode_tokens']} greedy tokens "
+        f"(median of {s['repeats']}, engines alternated):",
+        "",
+        "| engine | prompt tokens/s | decode tokens/s |",
+        "|---|---:|---:|",
+    ]
+    for name, r in report["single"].items():
+        lines.append(f"| {LABELS.get(name, name)} | {r['prompt_tps']:.1f} | {r['decode_tps']:.2f} |")
+    lines += [
+        "",
+        f"Continuous batching (`BatchScheduler`), {s['concurrency_prompt_tokens']}-token prompts, "
+        f"{s['concurrency_tokens']} sampled tokens each:",
+        "",
+        "| engine | concurrent sequences | aggregate decode tokens/s | x single | decode step ms | end-to-end tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, by_c in report["concurrency"].items():
+        base = by_c[min(by_c, key=int)]["decode_tps"]
+        for c, v in by_c.items():
+            lines.append(f"| {LABELS.get(name, name)} | {c} | {v['decode_tps']:.2f} | {v['decode_tps'] / base:.1f} | "
+                         f"{v['step_ms']:.0f} | {v['e2e_tps']:.2f} |")
+    for name, by_b in report["profiles"].items():
+        lines += ["", f"One decode step of {LABELS.get(name, name)}, 64 cached tokens (ms):", "",
+                  "| part | batch " + " | batch ".join(by_b) + " |", "|---|" + "---:|" * len(by_b)]
+        parts = [row[0] for row in next(iter(by_b.values()))]
+        for i, part in enumerate(parts):
+            lines.append(f"| {part} | " + " | ".join(f"{rows[i][1]:.1f}" for rows in by_b.values()) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
