@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 import metal_marlin
-from service import jobs, openai_api
+from service import files, jobs, openai_api
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.metrics import CONTENT_TYPE, ServiceMetrics
@@ -31,8 +31,10 @@ DESCRIPTION = """\
 OpenAI-compatible completions served from AWQ-quantized models, and a quantization jobs API.
 
 - `/v1/completions`, `/v1/chat/completions`, `/v1/models`: OpenAI shapes (SSE streaming).
-- `/v1/quantization/jobs`: submit AWQ quantization of the built-in model or a model under the
-  server's model roots; follow its events; download the result; serve it under its job id.
+- `/v1/files`: upload a `.gguf` model or calibration data (text or `activations.npz`).
+- `/v1/quantization/jobs`: submit AWQ quantization of the built-in model, an uploaded model or
+  a model under the server's model roots; follow its events (also live, as SSE); download the
+  result; serve it under its job id.
 - Errors are always `{"error": {"message", "type", "param", "code"}}`.
 - `/v1` routes need `Authorization: Bearer <key>` when the server has an API key.
 """
@@ -45,6 +47,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         state: ServiceState = app.state.mm
+        await run_in_threadpool(files.cleanup_files_dir, state.store, state.settings.data_dir)
         if start_worker:
             await state.supervisor.start()
         try:
@@ -70,6 +73,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
     install_error_handlers(app)
     app.include_router(openai_api.router)
     app.include_router(jobs.router)
+    app.include_router(files.router)
 
     @app.get(
         "/health",
@@ -100,7 +104,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
 
     _use_error_shape_in_openapi(app)
     # the middleware added last is outermost: metrics see every response, 413s included
-    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, streamed={("POST", files.UPLOAD_PATH): settings.max_upload_bytes})
     app.add_middleware(RequestMetrics, metrics=metrics)
     return app
 

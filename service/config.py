@@ -1,10 +1,11 @@
 """Service settings: environment variables (``MM_*``) with keyword overrides.
 
 =======================  ===================================================================
-``MM_DATA_DIR``          data directory (``./data``): ``jobs.sqlite3``, ``jobs/<id>/``
+``MM_DATA_DIR``          data directory (``./data``): ``jobs.sqlite3``, ``jobs/<id>/``, ``files/<id>``
 ``MM_API_KEY``           bearer key required on ``/v1`` routes (unset: no auth)
 ``MM_MODEL_ROOTS``       folders jobs may read models/calibration files from (``os.pathsep``)
-``MM_MAX_BODY_BYTES``    largest request body (1 MiB)
+``MM_MAX_BODY_BYTES``    largest request body (1 MiB), except uploads
+``MM_MAX_UPLOAD_BYTES``  largest file upload, ``POST /v1/files`` (4 GiB)
 ``MM_MAX_QUEUED_JOBS``   queued jobs beyond which submissions get 429 (16)
 ``MM_MAX_INFLIGHT``      concurrent generation requests beyond which requests get 429 (32)
 ``MM_MAX_PROMPTS``       prompts x n per completion request (16)
@@ -79,6 +80,7 @@ class Settings:
     api_key: str | None = None
     model_roots: str = ""
     max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 4 << 30
     max_queued_jobs: int = 16
     max_inflight: int = 32
     max_prompts: int = 16
@@ -99,7 +101,7 @@ class Settings:
             self.worker_socket = default_socket_path(self.data_dir)
         if self.worker_socket is not None:
             self.worker_socket = Path(self.worker_socket)
-        for name in ("max_body_bytes", "max_queued_jobs", "max_inflight", "max_prompts", "worker_memory_mb"):
+        for name in ("max_body_bytes", "max_upload_bytes", "max_queued_jobs", "max_inflight", "max_prompts", "worker_memory_mb"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -121,6 +123,7 @@ class Settings:
             "api_key": os.environ.get("MM_API_KEY") or None,
             "model_roots": os.environ.get("MM_MODEL_ROOTS", ""),
             "max_body_bytes": _env_int("MM_MAX_BODY_BYTES", 1 << 20),
+            "max_upload_bytes": _env_int("MM_MAX_UPLOAD_BYTES", 4 << 30),
             "max_queued_jobs": _env_int("MM_MAX_QUEUED_JOBS", 16),
             "max_inflight": _env_int("MM_MAX_INFLIGHT", 32),
             "max_prompts": _env_int("MM_MAX_PROMPTS", 16),

@@ -93,6 +93,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         404: "Not found",
         409: "Conflict with the resource's state",
         413: "Request body too large",
+        415: "Unsupported Content-Type",
         422: "Idempotency-Key reused with a different body",
         429: "Too many queued jobs or requests in flight",
         503: "The worker is not ready",

@@ -5,15 +5,22 @@ must be the built-in model or lie under the model roots, and the group size must
 model's layer widths (checked from its config/GGUF metadata, without loading weights), so a
 job that cannot run is refused with a 400 instead of failing later.
 
+Sources: the built-in model and Wikipedia text, uploaded files (``{"source": "file",
+"file_id": ...}``, see :mod:`service.files`), or paths under the model roots.
+
+``GET .../{id}/events`` lists events, or with ``?stream=true`` (or ``Accept:
+text/event-stream``) follows them live as Server-Sent Events until the job ends.
+
 ``Idempotency-Key``: the same key with the same body returns the original job (header
 ``Idempotent-Replayed: true``); the same key with a different body is refused with 422.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import os
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -22,7 +29,9 @@ from starlette.concurrency import run_in_threadpool
 
 from metal_marlin.assets import BUILTIN_MODEL_NAME
 from service.auth import require_api_key
-from service.errors import APIError, error_responses
+from service.downloads import file_download
+from service.errors import APIError, error_responses, sse_error
+from service.openai_api import SSE_HEADERS
 from service.schemas import (
     DeletedJob,
     QuantizationJob,
@@ -35,14 +44,16 @@ from service.state import ServiceState, get_state
 from worker.jobstore import (
     IdempotencyConflict,
     Job,
+    JobEvent,
     JobStateError,
+    JobStore,
     QueueFull,
     fingerprint,
     is_job_id,
     parse_event_id,
 )
 from worker.runner import jobs_dir, remove_tree, result_dir
-from worker.sources import SourceError, check_quantizable, model_widths, resolve_under_roots
+from worker.sources import SourceError, check_quantizable, model_widths, resolve_file_source, resolve_under_roots
 
 log = logging.getLogger("metal_marlin.service.jobs")
 
@@ -50,6 +61,10 @@ router = APIRouter(prefix="/v1/quantization/jobs", tags=["quantization jobs"], d
 
 JobId = Annotated[str, Path(description="A quantization job id (qjob-...)", max_length=64)]
 AUTO_GROUP_SIZES = (128, 64, 32)
+EVENT_ID_PATTERN = r"^qjev-[0-9]{1,18}$"
+EVENT_POLL_S = 0.5
+EVENT_KEEPALIVE_S = 15.0
+EVENT_STREAM_MAX_S = 3600.0
 
 
 def _job_or_404(state: ServiceState, job_id: str) -> Job:
@@ -57,6 +72,14 @@ def _job_or_404(state: ServiceState, job_id: str) -> Job:
     if job is None:
         raise APIError(404, f"no quantization job {job_id!r}", param="job_id", code="job_not_found")
     return job
+
+
+def _model_name(model: dict[str, Any]) -> str:
+    if model["source"] == "builtin":
+        return BUILTIN_MODEL_NAME
+    if model["source"] == "file":
+        return model["file_id"]
+    return model["path"]
 
 
 def job_to_api(job: Job) -> QuantizationJob:
@@ -71,9 +94,9 @@ def job_to_api(job: Job) -> QuantizationJob:
         started_at=int(job.started_at) if job.started_at else None,
         finished_at=int(job.finished_at) if job.finished_at else None,
         status=job.status,  # type: ignore[arg-type]
-        model=BUILTIN_MODEL_NAME if model["source"] == "builtin" else model["path"],
-        model_source={"source": model["source"], "path": model.get("path")},
-        calibration={"source": calibration["source"], "path": calibration.get("path")},
+        model=_model_name(model),
+        model_source={"source": model["source"], "path": model.get("path"), "file_id": model.get("file_id")},
+        calibration={"source": calibration["source"], "path": calibration.get("path"), "file_id": calibration.get("file_id")},
         hyperparameters=spec["hyperparameters"],
         progress=job.progress if job.status == "running" else None,
         cancel_requested=job.cancel_requested and not succeeded,
@@ -87,10 +110,14 @@ def job_to_api(job: Job) -> QuantizationJob:
 def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, Any]:
     """The stored job spec: sources resolved under the roots, hyperparameters complete."""
     roots = state.settings.roots
+    data_dir = state.settings.data_dir
     try:
         if body.model.source == "builtin":
             model: dict[str, Any] = {"source": "builtin"}
             model_path = None
+        elif body.model.source == "file":
+            _, model_path = resolve_file_source(state.store, data_dir, body.model.file_id, purpose="model", param="model.file_id")
+            model = {"source": "file", "file_id": body.model.file_id}
         else:
             model_path = resolve_under_roots(body.model.path, roots, param="model.path", what="model")
             if not (model_path.is_dir() or model_path.is_file()):
@@ -99,6 +126,9 @@ def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, An
         cal = body.calibration
         if cal.source == "builtin":
             calibration: dict[str, Any] = {"source": "builtin"}
+        elif cal.source == "file":
+            record, _ = resolve_file_source(state.store, data_dir, cal.file_id, purpose="calibration", param="calibration.file_id")
+            calibration = {"source": "file", "file_id": cal.file_id, "format": record.format}
         else:
             cal_path = resolve_under_roots(cal.path, roots, param="calibration.path", what="calibration file")
             if not cal_path.is_file():
@@ -239,43 +269,89 @@ def cancel_job(job_id: JobId, request: Request) -> QuantizationJob:
     return job_to_api(job)
 
 
+def _event_to_api(e: JobEvent) -> QuantizationJobEvent:
+    return QuantizationJobEvent(id=e.public_id, created_at=int(e.created_at), level=e.level, type=e.type, message=e.message, data=e.data)
+
+
+async def follow_events(
+    store: JobStore,
+    job_id: str,
+    after: int | None,
+    *,
+    poll_s: float = EVENT_POLL_S,
+    keepalive_s: float = EVENT_KEEPALIVE_S,
+    max_s: float = EVENT_STREAM_MAX_S,
+) -> AsyncIterator[bytes]:
+    """A job's events as SSE (``id:`` + ``data:`` per event), polled from the store as they
+    are written, then ``data: [DONE]`` once the job has ended. Ends without ``[DONE]`` after
+    ``max_s`` (the client resumes with ``after`` or ``Last-Event-ID``)."""
+    started = last_sent = time.monotonic()
+    while True:
+        job = await run_in_threadpool(store.get, job_id)  # before the events: a finished job's last event is already in
+        if job is None:
+            yield sse_error(f"job {job_id} was deleted", "not_found_error", code="job_not_found")
+            return
+        has_more = True
+        while has_more:
+            events, has_more = await run_in_threadpool(lambda: store.events(job_id, after=after, limit=100))
+            for event in events:
+                yield f"id: {event.public_id}\ndata: {_event_to_api(event).model_dump_json()}\n\n".encode()
+                after = event.id
+                last_sent = time.monotonic()
+        if job.finished:
+            yield b"data: [DONE]\n\n"
+            return
+        now = time.monotonic()
+        if now - started >= max_s:
+            return
+        if now - last_sent >= keepalive_s:
+            yield b": keepalive\n\n"
+            last_sent = now
+        await asyncio.sleep(poll_s)
+
+
 @router.get(
     "/{job_id}/events",
     response_model=QuantizationJobEventList,
-    summary="A job's events (oldest first)",
-    responses=error_responses(400, 401, 404),
+    summary="A job's events (oldest first), or a live stream of them",
+    description="With `stream=true` (or `Accept: text/event-stream` and no `stream`), the events are sent as "
+    "Server-Sent Events as they are written: `id: <event id>` and `data: <event>` per event; after the job's "
+    "final status event, `data: [DONE]`. `after` (or the `Last-Event-ID` header) resumes after an event. "
+    "`limit` applies to the list only.",
+    responses={
+        200: {
+            "content": {"text/event-stream": {"schema": {"type": "string"}, "example": 'id: qjev-1\ndata: {"id": "qjev-1", "type": "created", ...}\n\ndata: [DONE]\n\n'}},
+            "description": "The events (a list, or an SSE stream)",
+        },
+        **error_responses(400, 401, 404),
+    },
 )
-def list_events(
+async def list_events(
     job_id: JobId,
     request: Request,
-    after: Annotated[str | None, Query(pattern=r"^qjev-[0-9]{1,18}$", description="Id of the last event already seen")] = None,
+    after: Annotated[str | None, Query(pattern=EVENT_ID_PATTERN, description="Id of the last event already seen")] = None,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-) -> QuantizationJobEventList:
+    stream: Annotated[bool | None, Query(description="Stream the events as SSE until the job ends")] = None,
+    last_event_id: Annotated[  # typed str (not str | None): a header is absent or a string, never null
+        str,
+        Header(alias="Last-Event-ID", max_length=64, json_schema_extra={"pattern": EVENT_ID_PATTERN},  # checked below, after the job
+               description="SSE resumption (used when `after` is not given)"),
+    ] = None,  # type: ignore[assignment]
+) -> Any:
     state = get_state(request)
-    _job_or_404(state, job_id)
+    await run_in_threadpool(_job_or_404, state, job_id)
+    cursor, param = (after, "after") if after is not None else (last_event_id, "Last-Event-ID")
     after_n = None
-    if after is not None:
-        after_n = parse_event_id(after)
+    if cursor is not None:
+        after_n = parse_event_id(cursor)
         if after_n is None:
-            raise APIError(400, f"after must be an event id, got {after!r}", param="after", code="invalid_cursor")
-    events, has_more = state.store.events(job_id, after=after_n, limit=limit)
-    return QuantizationJobEventList(
-        data=[
-            QuantizationJobEvent(
-                id=e.public_id, created_at=int(e.created_at), level=e.level, type=e.type, message=e.message, data=e.data
-            )
-            for e in events
-        ],
-        has_more=has_more,
-    )
-
-
-def _iter_file(handle: Any, chunk: int = 1 << 20) -> Iterator[bytes]:
-    try:
-        while data := handle.read(chunk):
-            yield data
-    finally:
-        handle.close()
+            raise APIError(400, f"{param} must be an event id, got {cursor!r}", param=param, code="invalid_cursor")
+    if stream is None:
+        stream = "text/event-stream" in request.headers.get("accept", "")
+    if stream:
+        return StreamingResponse(follow_events(state.store, job_id, after_n), media_type="text/event-stream", headers=SSE_HEADERS)
+    events, has_more = await run_in_threadpool(lambda: state.store.events(job_id, after=after_n, limit=limit))
+    return QuantizationJobEventList(data=[_event_to_api(e) for e in events], has_more=has_more)
 
 
 @router.get(
@@ -302,17 +378,12 @@ def get_result(
     names = {f["filename"] for f in (job.result or {}).get("files", [])}
     if file not in names:
         raise APIError(400, f"the result has no file {file!r}; available: {sorted(names)}", param="file", code="invalid_file")
-    path = result_dir(state.settings.data_dir, job_id) / file
-    try:
-        handle = open(path, "rb")  # held open: a concurrent DELETE cannot cut the download short
-    except FileNotFoundError as exc:
-        raise APIError(404, f"the result of job {job_id} is gone", code="result_not_found") from exc
-    size = os.fstat(handle.fileno()).st_size
-    media = "application/json" if file.endswith(".json") else "application/octet-stream"
-    return StreamingResponse(
-        _iter_file(handle),
-        media_type=media,
-        headers={"Content-Length": str(size), "Content-Disposition": f'attachment; filename="{job_id}-{file}"'},
+    return file_download(
+        result_dir(state.settings.data_dir, job_id) / file,
+        download_name=f"{job_id}-{file}",
+        ascii_name=f"{job_id}-{file}",
+        media_type="application/json" if file.endswith(".json") else "application/octet-stream",
+        missing=APIError(404, f"the result of job {job_id} is gone", code="result_not_found"),
     )
 
 

@@ -12,34 +12,52 @@ from service.errors import error_body
 from service.metrics import ServiceMetrics
 
 
+STREAMED_SLACK = 64 * 1024
+
+
+def too_large_message(limit: int) -> str:
+    return f"the request body exceeds the limit of {limit} bytes"
+
+
 async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps(
-        error_body(f"the request body exceeds the limit of {limit} bytes", "invalid_request_error", None, "request_too_large")
-    ).encode()
+    body = json.dumps(error_body(too_large_message(limit), "invalid_request_error", None, "request_too_large")).encode()
     await send({"type": "http.response.start", "status": 413, "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"connection", b"close")]})
     await send({"type": "http.response.body", "body": body})
 
 
 class BodySizeLimit:
-    """Refuse bodies over ``limit`` bytes with 413: by Content-Length up front, else while reading."""
+    """Refuse bodies over ``limit`` bytes with 413: by Content-Length up front, else while reading.
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+    ``streamed`` maps ``(method, path)`` of upload routes to their own (larger) limit: their
+    bodies are checked by Content-Length up front and then passed through unbuffered; the
+    route reads the stream and enforces the limit itself while it writes to disk. The
+    Content-Length check allows ``STREAMED_SLACK`` bytes of form framing beyond the limit.
+    """
+
+    def __init__(self, app: ASGIApp, limit: int, streamed: dict[tuple[str, str], int] | None = None) -> None:
         self.app = app
         self.limit = limit
+        self.streamed = streamed or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        streamed_limit = self.streamed.get((scope.get("method", ""), scope.get("path", "")))
+        limit = self.limit if streamed_limit is None else streamed_limit
+        slack = 0 if streamed_limit is None else STREAMED_SLACK
         for name, value in scope.get("headers", ()):
             if name == b"content-length":
                 try:
                     declared = int(value)
                 except ValueError:
                     declared = 0
-                if declared > self.limit:
-                    await _send_413(send, self.limit)
+                if declared > limit + slack:
+                    await _send_413(send, limit)
                     return
+        if streamed_limit is not None:
+            await self.app(scope, receive, send)
+            return
         # Read the whole body first (it is small by construction) so an oversized chunked
         # body is refused before any route sees it; then replay it to the app.
         chunks: list[bytes] = []

@@ -6,12 +6,13 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from worker.jobstore import JOB_STATUSES
+from worker.jobstore import FILE_PURPOSES, JOB_STATUSES
 
 # ---------------------------------------------------------------------------------------
 # Quantization jobs
 # ---------------------------------------------------------------------------------------
 PathStr = Annotated[str, Field(min_length=1, max_length=4096)]
+FileIdStr = Annotated[str, Field(pattern=r"^file-[0-9a-f]{24}$", description="The id of an uploaded file (POST /v1/files)")]
 
 
 class BuiltinModelSource(BaseModel):
@@ -30,7 +31,15 @@ class PathModelSource(BaseModel):
     path: PathStr
 
 
-ModelSource = Annotated[Union[BuiltinModelSource, PathModelSource], Field(discriminator="source")]
+class FileModelSource(BaseModel):
+    """An uploaded ``.gguf`` file (``POST /v1/files`` with purpose ``model``)."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["file"]
+    file_id: FileIdStr
+
+
+ModelSource = Annotated[Union[BuiltinModelSource, PathModelSource, FileModelSource], Field(discriminator="source")]
 
 
 class BuiltinCalibration(BaseModel):
@@ -56,8 +65,17 @@ class ActivationsCalibration(BaseModel):
     path: PathStr
 
 
+class FileCalibration(BaseModel):
+    """An uploaded calibration file (purpose ``calibration``): UTF-8 text or an ``activations.npz``,
+    told apart by content when it was uploaded."""
+
+    model_config = ConfigDict(extra="forbid")
+    source: Literal["file"]
+    file_id: FileIdStr
+
+
 CalibrationSource = Annotated[
-    Union[BuiltinCalibration, TextCalibration, ActivationsCalibration], Field(discriminator="source")
+    Union[BuiltinCalibration, TextCalibration, ActivationsCalibration, FileCalibration], Field(discriminator="source")
 ]
 
 
@@ -96,6 +114,7 @@ class Hyperparameters(BaseModel):
 class SourceOut(BaseModel):
     source: str
     path: str | None = None
+    file_id: str | None = None
 
 
 class JobProgress(BaseModel):
@@ -162,6 +181,36 @@ class QuantizationJobEventList(BaseModel):
 class DeletedJob(BaseModel):
     id: str
     object: Literal["quantization.job"] = "quantization.job"
+    deleted: bool
+
+
+# ---------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------
+FilePurpose = Literal["model", "calibration"]
+assert set(FilePurpose.__args__) == set(FILE_PURPOSES)  # type: ignore[attr-defined]
+
+
+class FileObject(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
+    bytes: int
+    created_at: int
+    filename: str = Field(description="The client's file name, kept as metadata only")
+    purpose: FilePurpose
+
+
+class FileList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[FileObject]
+    has_more: bool
+    first_id: str | None
+    last_id: str | None
+
+
+class DeletedFile(BaseModel):
+    id: str
+    object: Literal["file"] = "file"
     deleted: bool
 
 

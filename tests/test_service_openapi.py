@@ -35,6 +35,8 @@ def test_openapi_document_covers_the_api(tmp_path: Path) -> None:
         ("/v1/quantization/jobs", "post"), ("/v1/quantization/jobs", "get"), ("/v1/quantization/jobs/{job_id}", "get"),
         ("/v1/quantization/jobs/{job_id}", "delete"), ("/v1/quantization/jobs/{job_id}/cancel", "post"),
         ("/v1/quantization/jobs/{job_id}/events", "get"), ("/v1/quantization/jobs/{job_id}/result", "get"),
+        ("/v1/files", "post"), ("/v1/files", "get"), ("/v1/files/{file_id}", "get"), ("/v1/files/{file_id}", "delete"),
+        ("/v1/files/{file_id}/content", "get"),
         ("/health", "get"), ("/metrics", "get"),
     ]:
         assert method in paths[path], (path, method)
@@ -46,6 +48,11 @@ def test_openapi_document_covers_the_api(tmp_path: Path) -> None:
                 if status.startswith(("4", "5")) and path != "/health":
                     ref = resp["content"]["application/json"]["schema"]["$ref"]
                     assert ref.endswith("/ErrorResponse"), (path, status)
+    upload = paths["/v1/files"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+    assert upload["required"] == ["file", "purpose"] and upload["properties"]["file"]["format"] == "binary"
+    assert "text/event-stream" in paths["/v1/quantization/jobs/{job_id}/events"]["get"]["responses"]["200"]["content"]
+    sources = json.dumps(doc["components"]["schemas"]["QuantizationJobCreate"]) + json.dumps(doc["components"]["schemas"])
+    assert "FileModelSource" in sources and "FileCalibration" in sources
     out = write_openapi(tmp_path / "openapi.json")
     assert json.loads(out.read_text()) == doc
 
@@ -75,8 +82,9 @@ def no_unexpected_server_error(ctx, response, case) -> None:  # noqa: ANN001 - s
 
 # Operations with rules a JSON schema cannot state, documented as 400s: a job's paths must
 # exist under the model roots and its group size divide the model's widths; a completion's
-# prompts x n are bounded and echo excludes logprobs. Schema-valid bodies may fail those.
-SEMANTIC_400 = {("POST", "/v1/quantization/jobs"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")}
+# prompts x n are bounded and echo excludes logprobs; an upload's content must fit its
+# purpose (a GGUF model, UTF-8 text or an npz). Schema-valid bodies may fail those.
+SEMANTIC_400 = {("POST", "/v1/quantization/jobs"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("POST", "/v1/files")}
 
 
 @schema.parametrize()

@@ -5,7 +5,8 @@ job in a child process keeps the AWQ search (heavy, MLX + numpy) off the threads
 generation, lets a job's memory go back to the OS when it ends, and lets the worker stop a
 job hard if it must. The child:
 
-- re-validates the job's sources against the model roots (the file system may have changed);
+- re-validates the job's sources against the model roots (the file system may have changed),
+  and that an uploaded source still exists with the right purpose;
 - runs :func:`metal_marlin.pipeline.awq_quantize_model` into a staging folder, recording a
   progress event per block in the job store;
 - between blocks, stops if cancellation was requested, if the job is no longer its worker's
@@ -29,7 +30,7 @@ from typing import Any
 
 from worker.jobstore import JobStore
 from worker.proc import die_with_parent
-from worker.sources import SourceError, parse_roots, resolve_under_roots
+from worker.sources import SourceError, parse_roots, resolve_file_source, resolve_under_roots
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -58,20 +59,32 @@ def _source_path(source: dict[str, Any], roots: list[Path], param: str, what: st
     return resolve_under_roots(source["resolved"], roots, param=param, what=what)
 
 
-def run_job(store: JobStore, job_id: str, worker: str, output: Path, roots: list[Path], parent_pid: int) -> dict[str, Any]:
+def _calibration_paths(store: JobStore, data_dir: Path, calibration: dict[str, Any], roots: list[Path]) -> tuple[Path | None, Path | None]:
+    """``(text_path, activations_path)`` of a job's calibration source (both None: built-in)."""
+    kind = calibration.get("source", "builtin")
+    if kind == "file":  # the upload's format was recorded when it was checked
+        record, path = resolve_file_source(store, data_dir, calibration["file_id"], purpose="calibration", param="calibration.file_id")
+        return (None, path) if record.format == "npz" else (path, None)
+    if kind == "text":
+        return _source_path(calibration, roots, "calibration.path", "calibration file"), None
+    if kind == "activations":
+        return None, _source_path(calibration, roots, "calibration.path", "calibration file")
+    return None, None
+
+
+def run_job(
+    store: JobStore, job_id: str, worker: str, output: Path, roots: list[Path], parent_pid: int, data_dir: Path
+) -> dict[str, Any]:
     job = store.get(job_id)
     if job is None or not store.still_owned(job_id, worker):
         raise JobLost(f"job {job_id} is not running for worker {worker}")
     spec = job.spec
     hp = spec["hyperparameters"]
-    model_path = _source_path(spec["model"], roots, "model.path", "model")
-    calibration = spec.get("calibration") or {"source": "builtin"}
-    kind = calibration.get("source", "builtin")
-    text_path = activations_path = None
-    if kind == "text":
-        text_path = _source_path(calibration, roots, "calibration.path", "calibration file")
-    elif kind == "activations":
-        activations_path = _source_path(calibration, roots, "calibration.path", "calibration file")
+    if spec["model"].get("source") == "file":
+        _, model_path = resolve_file_source(store, data_dir, spec["model"]["file_id"], purpose="model", param="model.file_id")
+    else:
+        model_path = _source_path(spec["model"], roots, "model.path", "model")
+    text_path, activations_path = _calibration_paths(store, data_dir, spec.get("calibration") or {"source": "builtin"}, roots)
 
     def progress(event: dict[str, Any]) -> None:
         if os.getppid() != parent_pid:
@@ -128,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     error_file = Path(args.error_file)
     store = JobStore.in_data_dir(args.data_dir)
     try:
-        run_job(store, args.job_id, args.worker, Path(args.output), parse_roots(args.roots), args.parent_pid)
+        run_job(store, args.job_id, args.worker, Path(args.output), parse_roots(args.roots), args.parent_pid, Path(args.data_dir))
     except JobCancelled:
         return EXIT_CANCELLED
     except JobLost as exc:

@@ -31,6 +31,8 @@ JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 JOB_ID_PREFIX = "qjob-"
 EVENT_ID_PREFIX = "qjev-"
+FILE_ID_PREFIX = "file-"
+FILE_PURPOSES = ("model", "calibration")
 DB_NAME = "jobs.sqlite3"
 
 _SCHEMA = """
@@ -59,6 +61,15 @@ CREATE TABLE IF NOT EXISTS job_events (
     data       TEXT
 );
 CREATE INDEX IF NOT EXISTS job_events_by_job ON job_events (job_id, id);
+CREATE TABLE IF NOT EXISTS files (
+    id         TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    bytes      INTEGER NOT NULL,
+    filename   TEXT NOT NULL,
+    purpose    TEXT NOT NULL,
+    format     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS files_by_purpose ON files (purpose, id);
 CREATE TABLE IF NOT EXISTS idempotency_keys (
     key         TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL,
@@ -75,6 +86,15 @@ class IdempotencyConflict(Exception):
         super().__init__(f"Idempotency-Key {key!r} was already used with a different request body (job {job_id})")
         self.key = key
         self.job_id = job_id
+
+
+class FileInUse(Exception):
+    """A queued or running job reads the file (maps to HTTP 409)."""
+
+    def __init__(self, file_id: str, job_ids: list[str]) -> None:
+        super().__init__(f"file {file_id} is a source of queued or running job(s) {', '.join(job_ids)}; cancel them first")
+        self.file_id = file_id
+        self.job_ids = job_ids
 
 
 class JobStateError(Exception):
@@ -106,6 +126,18 @@ class Job:
 
 
 @dataclass
+class StoredFile:
+    """An uploaded file's record; its bytes are ``<data>/files/<id>``."""
+
+    id: str
+    created_at: float
+    bytes: int
+    filename: str
+    purpose: str
+    format: str
+
+
+@dataclass
 class JobEvent:
     id: int
     job_id: str
@@ -124,11 +156,11 @@ _id_lock = threading.Lock()
 _id_last = (0, 0)
 
 
-def new_job_id(now: float | None = None) -> str:
-    """``qjob-`` + 12 hex digits of milliseconds + a 4-digit sequence + 8 random hex digits.
+def _new_sorted_id(prefix: str, now: float | None) -> str:
+    """``prefix`` + 12 hex digits of milliseconds + a 4-digit sequence + 8 random hex digits.
 
-    Ids sort by creation (strictly, within this process), so the list cursor (``after``)
-    stays valid even when the job it names was deleted.
+    Ids sort by creation (strictly, within this process), so a list cursor (``after``)
+    stays valid even when the item it names was deleted.
     """
     global _id_last
     ms = int((time.time() if now is None else now) * 1000)
@@ -141,12 +173,28 @@ def new_job_id(now: float | None = None) -> str:
         else:
             seq = 0
         _id_last = (ms, seq)
-    return f"{JOB_ID_PREFIX}{ms:012x}{seq:04x}{secrets.token_hex(4)}"
+    return f"{prefix}{ms:012x}{seq:04x}{secrets.token_hex(4)}"
+
+
+def _is_sorted_id(value: str, prefix: str) -> bool:
+    body = value[len(prefix) :]
+    return value.startswith(prefix) and len(body) == 24 and all(c in "0123456789abcdef" for c in body)
+
+
+def new_job_id(now: float | None = None) -> str:
+    return _new_sorted_id(JOB_ID_PREFIX, now)
+
+
+def new_file_id(now: float | None = None) -> str:
+    return _new_sorted_id(FILE_ID_PREFIX, now)
 
 
 def is_job_id(value: str) -> bool:
-    body = value[len(JOB_ID_PREFIX) :]
-    return value.startswith(JOB_ID_PREFIX) and len(body) == 24 and all(c in "0123456789abcdef" for c in body)
+    return _is_sorted_id(value, JOB_ID_PREFIX)
+
+
+def is_file_id(value: str) -> bool:
+    return _is_sorted_id(value, FILE_ID_PREFIX)
 
 
 def parse_event_id(value: str) -> int | None:
@@ -183,6 +231,12 @@ def _job(row: sqlite3.Row) -> Job:
         progress=_loads(row["progress"]),
         error=_loads(row["error"]),
         result=_loads(row["result"]),
+    )
+
+
+def _file(row: sqlite3.Row) -> StoredFile:
+    return StoredFile(
+        id=row["id"], created_at=row["created_at"], bytes=row["bytes"], filename=row["filename"], purpose=row["purpose"], format=row["format"]
     )
 
 
@@ -302,18 +356,24 @@ class JobStore:
 
     def list(self, *, after: str | None = None, limit: int = 20, status: str | None = None) -> tuple[list[Job], bool]:
         """Newest first; ``after`` is the id of the last job of the previous page."""
+        rows, has_more = self._page("jobs", after=after, limit=limit, equal={"status": status}, order="desc")
+        return [_job(r) for r in rows], has_more
+
+    def _page(self, table: str, *, after: str | None, limit: int, equal: dict[str, str | None], order: str) -> tuple[list[sqlite3.Row], bool]:
+        """One page of ``table`` by id (ids sort by creation); ``equal`` filters (None: any)."""
+        if order not in ("asc", "desc"):
+            raise ValueError(f"order must be 'asc' or 'desc', got {order!r}")
         clauses, args = [], []
         if after is not None:
-            clauses.append("id < ?")
+            clauses.append("id < ?" if order == "desc" else "id > ?")
             args.append(after)
-        if status is not None:
-            clauses.append("status = ?")
-            args.append(status)
+        for column, value in equal.items():
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                args.append(value)
         where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-        rows = self._db.execute(
-            f"SELECT * FROM jobs {where} ORDER BY id DESC LIMIT ?", (*args, limit + 1)
-        ).fetchall()
-        return [_job(r) for r in rows[:limit]], len(rows) > limit
+        rows = self._db.execute(f"SELECT * FROM {table} {where} ORDER BY id {order.upper()} LIMIT ?", (*args, limit + 1)).fetchall()
+        return rows[:limit], len(rows) > limit
 
     def lookup_idempotency(self, key: str) -> tuple[str, str] | None:
         """``(fingerprint, job_id)`` recorded for an Idempotency-Key, or None."""
@@ -481,6 +541,45 @@ class JobStore:
                 )
                 self._add_event(db, job_id, "requeued", message, level="warning", now=now)
         return True
+
+    # -- uploaded files --------------------------------------------------------------------
+    def add_file(self, file_id: str, *, nbytes: int, filename: str, purpose: str, format: str, created_at: float) -> StoredFile:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO files (id, created_at, bytes, filename, purpose, format) VALUES (?, ?, ?, ?, ?, ?)",
+                (file_id, created_at, nbytes, filename, purpose, format),
+            )
+        return StoredFile(file_id, created_at, nbytes, filename, purpose, format)
+
+    def get_file(self, file_id: str) -> StoredFile | None:
+        row = self._db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+        return None if row is None else _file(row)
+
+    def list_files(
+        self, *, after: str | None = None, limit: int = 20, purpose: str | None = None, order: str = "desc"
+    ) -> tuple[list[StoredFile], bool]:
+        """By creation, newest first unless ``order="asc"``; ``after`` is the last id of the previous page."""
+        rows, has_more = self._page("files", after=after, limit=limit, equal={"purpose": purpose}, order=order)
+        return [_file(r) for r in rows], has_more
+
+    def file_ids(self) -> set[str]:
+        return {r["id"] for r in self._db.execute("SELECT id FROM files")}
+
+    def delete_file(self, file_id: str) -> StoredFile:
+        """Remove a file's record; :class:`FileInUse` while a queued or running job reads it."""
+        with self._tx() as db:
+            row = db.execute("SELECT * FROM files WHERE id = ?", (file_id,)).fetchone()
+            if row is None:
+                raise KeyError(file_id)
+            users = db.execute(
+                "SELECT id FROM jobs WHERE status IN ('queued', 'running') AND "
+                "(json_extract(spec, '$.model.file_id') = ? OR json_extract(spec, '$.calibration.file_id') = ?) ORDER BY id",
+                (file_id, file_id),
+            ).fetchall()
+            if users:
+                raise FileInUse(file_id, [r["id"] for r in users])
+            db.execute("DELETE FROM files WHERE id = ?", (file_id,))
+        return _file(row)
 
     # -- helpers -------------------------------------------------------------------------
     @staticmethod

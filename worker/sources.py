@@ -1,4 +1,11 @@
-"""What a quantization job may read: the built-in model, or files under configured roots.
+"""What a quantization job may read: the built-in model, uploaded files, or files under
+configured roots.
+
+Uploaded files (``POST /v1/files``) live in ``<data>/files/<file_id>``; their record (purpose,
+format, client file name as metadata only) is in the job store. A job names one by id; its
+purpose must match the use (``model``: a ``.gguf`` file; ``calibration``: UTF-8 text or an
+``activations.npz``). :func:`inspect_upload` checks the content when it is uploaded (npz:
+array headers only, never unpickled); the library checks it again when the job reads it.
 
 A job names its model (and optionally a calibration file) by path. Paths are only accepted
 inside the configured roots (``MM_MODEL_ROOTS``, ``os.pathsep``-separated):
@@ -18,15 +25,20 @@ Pure Python (no MLX): the service imports it.
 
 from __future__ import annotations
 
+import codecs
 import json
 import os
+import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from worker.jobstore import JobStore, StoredFile, is_file_id
+
 MAX_PATH_CHARS = 4096
+ACTIVATION_ARRAYS = ("input_ids", "hidden_states")
 
 
 class SourceError(ValueError):
@@ -159,3 +171,121 @@ def check_quantizable(widths: ModelWidths, bits: int, group_size: int) -> None:
     spec = QuantSpec(bits=bits, group_size=group_size)
     for width in widths.as_tuple():
         spec.check_in_features(width)
+
+
+# ---------------------------------------------------------------------------------------
+# Uploaded files
+# ---------------------------------------------------------------------------------------
+def files_dir(data_dir: Path) -> Path:
+    return Path(data_dir) / "files"
+
+
+def stored_file_path(data_dir: Path, file_id: str) -> Path:
+    """``<data>/files/<file_id>``: the id is checked, so no client text reaches the path."""
+    if not is_file_id(file_id):
+        raise ValueError(f"not a file id: {file_id!r}")
+    return files_dir(data_dir) / file_id
+
+
+def resolve_file_source(store: JobStore, data_dir: Path, file_id: str, *, purpose: str, param: str) -> tuple[StoredFile, Path]:
+    """The record and path of an uploaded file usable as ``purpose``; else :class:`SourceError`."""
+    record = store.get_file(file_id) if is_file_id(file_id) else None
+    path = stored_file_path(data_dir, file_id) if record is not None else None
+    if record is None or path is None or not path.is_file():
+        raise SourceError(f"no uploaded file {file_id!r}", param=param, code="file_not_found")
+    if record.purpose != purpose:
+        raise SourceError(
+            f"file {file_id} was uploaded with purpose {record.purpose!r}; {param} needs a file with purpose {purpose!r}",
+            param=param,
+            code="invalid_file_purpose",
+        )
+    return record, path
+
+
+def _npy_header(handle: Any) -> tuple[tuple[int, ...], Any]:
+    import numpy as np
+
+    version = np.lib.format.read_magic(handle)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    shape, _fortran, dtype = read(handle)
+    return shape, dtype
+
+
+def check_activations_npz(path: Path) -> None:
+    """Structure of an ``activations.npz`` from its array headers (nothing is unpickled or
+    decompressed in bulk); then ``input_ids`` is loaded with ``allow_pickle=False``."""
+    import numpy as np
+
+    headers: dict[str, tuple[tuple[int, ...], Any]] = {}
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                key = info.filename[: -len(".npy")] if info.filename.endswith(".npy") else None
+                if key not in ACTIVATION_ARRAYS:
+                    raise ValueError(f"unexpected member {info.filename!r}; allowed arrays are {list(ACTIVATION_ARRAYS)}")
+                with archive.open(info) as handle:
+                    headers[key] = _npy_header(handle)
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ValueError(f"not a valid .npz file: {exc}") from exc
+    if any(dtype.hasobject for _, dtype in headers.values()):
+        raise ValueError("the .npz holds object arrays (pickled data), which are never loaded")
+    if "input_ids" not in headers:
+        raise ValueError("missing array 'input_ids' (int32 [samples, seq_len])")
+    shape, dtype = headers["input_ids"]
+    if len(shape) != 2 or 0 in shape or dtype.kind not in "iu":
+        raise ValueError(f"'input_ids' must be a non-empty integer array [samples, seq_len], got {dtype} {shape}")
+    if "hidden_states" in headers:
+        hshape, hdtype = headers["hidden_states"]
+        if len(hshape) != 3 or tuple(hshape[:2]) != tuple(shape) or hdtype.kind != "f":
+            raise ValueError(f"'hidden_states' must be floating point [samples, seq_len, hidden] matching 'input_ids', got {hdtype} {hshape}")
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            ids = archive["input_ids"]
+    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"cannot read 'input_ids': {exc}") from exc
+    if ids.min() < 0:
+        raise ValueError("'input_ids' has negative token ids")
+
+
+def check_utf8_text(path: Path, chunk: int = 1 << 20) -> None:
+    """UTF-8 text with some non-blank content and no NUL bytes."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    content = False
+    with open(path, "rb") as handle:
+        while True:
+            data = handle.read(chunk)
+            try:
+                text = decoder.decode(data, final=not data)
+            except UnicodeDecodeError as exc:
+                raise ValueError(f"calibration text must be UTF-8 (invalid byte at offset {exc.start} of a chunk)") from exc
+            if "\x00" in text:
+                raise ValueError("calibration text contains NUL bytes: not a text file")
+            content = content or bool(text.strip())
+            if not data:
+                break
+    if not content:
+        raise ValueError("calibration text is empty")
+
+
+def inspect_upload(path: Path, purpose: str) -> str:
+    """Check an upload's content for its purpose; returns its format (``gguf``, ``npz``, ``text``).
+
+    Raises ``ValueError`` with the reason when the content does not fit the purpose.
+    """
+    with open(path, "rb") as handle:
+        magic = handle.read(4)
+    if purpose == "model":
+        if magic != b"GGUF":
+            raise ValueError("a model upload must be a .gguf file (the content does not start with the GGUF magic)")
+        try:
+            model_widths(path)
+        except Exception as exc:  # noqa: BLE001 - any parse failure means an unusable file
+            raise ValueError(f"cannot read the GGUF metadata: {exc}") from exc
+        return "gguf"
+    if purpose == "calibration":
+        if magic == b"PK\x03\x04":
+            check_activations_npz(path)
+            return "npz"
+        check_utf8_text(path)
+        return "text"
+    raise ValueError(f"unknown purpose {purpose!r}")
