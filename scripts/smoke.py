@@ -5,8 +5,9 @@
 
 Checks, in order: /health, /v1/models, a short completion, a streamed chat completion
 (SSE, with the usage chunk and [DONE]), then a tiny quantization job of the built-in model
-to success, its result downloaded and verified as safetensors (header parsed with the
-``safetensors`` package), and the job deleted. Exits 0 when everything passed, 1 otherwise.
+followed through its live events stream to success, its result downloaded and verified as
+safetensors (header parsed with the ``safetensors`` package), a completion from it, and the
+job deleted. The checks are functions that tests call too (tests/test_service_e2e.py). Exits 0 when everything passed, 1 otherwise.
 ``--skip-job`` leaves out the quantization part (about a minute on a small CPU).
 """
 
@@ -17,6 +18,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +62,101 @@ def wait_healthy(client: httpx.Client, timeout_s: float) -> dict[str, Any]:
     raise SmokeFailure(f"/health not 200 within {timeout_s:.0f} s: {last}")
 
 
+def check_models(client: httpx.Client) -> list[str]:
+    models = expect(client.get("/v1/models"))
+    ids = [m["id"] for m in models["data"]]
+    check(BUILTIN in ids, f"{BUILTIN} not in {ids}")
+    return ids
+
+
+def check_completion(client: httpx.Client, model: str = BUILTIN) -> str:
+    comp = expect(client.post("/v1/completions", json={"model": model, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}))
+    check(comp["object"] == "text_completion" and comp["usage"]["completion_tokens"] >= 1, f"bad completion: {comp}")
+    return comp["choices"][0]["text"]
+
+
+def sse_lines(resp: httpx.Response) -> Iterator[tuple[str | None, Any]]:
+    """``(event id, data)`` of an SSE response as it arrives; data is JSON or '[DONE]'."""
+    event_id = None
+    for line in resp.iter_lines():
+        if line.startswith("id: "):
+            event_id = line[len("id: "):]
+        elif line.startswith("data: "):
+            payload = line[len("data: "):]
+            yield event_id, payload if payload == "[DONE]" else json.loads(payload)
+            event_id = None
+
+
+def check_streamed_chat(client: httpx.Client, model: str = BUILTIN) -> tuple[str, int]:
+    body = {
+        "model": model, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
+        "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
+    }
+    with client.stream("POST", "/v1/chat/completions", json=body) as resp:
+        check(resp.status_code == 200, f"stream answered {resp.status_code}")
+        check(resp.headers.get("content-type", "").startswith("text/event-stream"), "not an SSE response")
+        events = [data for _, data in sse_lines(resp)]
+    check(bool(events) and events[-1] == "[DONE]", "stream did not end with [DONE]")
+    check(all("error" not in e for e in events if isinstance(e, dict)), f"error in stream: {events}")
+    usage = events[-2]
+    check(usage["choices"] == [] and usage["usage"]["completion_tokens"] >= 1, f"no usage chunk: {usage}")
+    content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-2] if e["choices"])
+    return content, len(events)
+
+
+def follow_job(client: httpx.Client, job_id: str, timeout_s: float, on_event: Callable[[dict[str, Any]], None] | None = None) -> list[tuple[float, dict[str, Any]]]:
+    """Follow a job's live events (SSE) until its final event and ``[DONE]``; resumes after the
+    last event if the server ends the stream early. Returns ``(arrival time, event)`` pairs."""
+    deadline = time.monotonic() + timeout_s
+    seen: list[tuple[float, dict[str, Any]]] = []
+    while True:
+        check(time.monotonic() < deadline, f"job {job_id} did not finish within {timeout_s:.0f} s")
+        params: dict[str, str] = {"stream": "true"}
+        if seen:
+            params["after"] = seen[-1][1]["id"]
+        with client.stream("GET", f"/v1/quantization/jobs/{job_id}/events", params=params, timeout=httpx.Timeout(60, read=60)) as resp:
+            check(resp.status_code == 200, f"events stream answered {resp.status_code}")
+            for _, data in sse_lines(resp):
+                if data == "[DONE]":
+                    return seen
+                check("error" not in data, f"error in the events stream: {data}")
+                seen.append((time.monotonic(), data))
+                if on_event is not None:
+                    on_event(data)
+                check(time.monotonic() < deadline, f"job {job_id} did not finish within {timeout_s:.0f} s")
+
+
+def run_job(client: httpx.Client, body: dict[str, Any], timeout_s: float) -> tuple[dict[str, Any], list[tuple[float, dict[str, Any]]]]:
+    """Submit a job, follow its events to the end; the final job and the events."""
+    job = expect(client.post("/v1/quantization/jobs", json=body, headers={"Idempotency-Key": f"smoke-{time.time_ns()}"}))
+    events = follow_job(client, job["id"], timeout_s)
+    job = expect(client.get(f"/v1/quantization/jobs/{job['id']}"))
+    check(job["status"] == "succeeded", f"job {job['id']} ended {job['status']}: {job.get('error')}")
+    check(events and events[-1][1]["type"] == "succeeded", f"the events did not end with 'succeeded': {[e['type'] for _, e in events][-3:]}")
+    return job, events
+
+
+def check_result(client: httpx.Client, job: dict[str, Any]) -> tuple[int, int]:
+    """Download the job's model.safetensors and check it: size, header, quantization tensors."""
+    from safetensors import safe_open
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        with client.stream("GET", f"/v1/quantization/jobs/{job['id']}/result") as resp:
+            check(resp.status_code == 200, f"result answered {resp.status_code}")
+            with open(path, "wb") as fh:
+                for chunk in resp.iter_bytes():
+                    fh.write(chunk)
+        expected = {f["filename"]: f["bytes"] for f in job["result_files"]}["model.safetensors"]
+        check(path.stat().st_size == expected, f"downloaded {path.stat().st_size} bytes, expected {expected}")
+        with safe_open(str(path), framework="numpy") as st:
+            keys = list(st.keys())
+            packed = [k for k in keys if k.endswith(".weight") and st.get_slice(k).get_dtype() == "U32"]
+        check(any(k.endswith(".scales") for k in keys), "no quantization scales in the safetensors file")
+        check(bool(packed), "no packed uint32 weights in the safetensors file")
+    return expected, len(keys)
+
+
 def run(base_url: str, api_key: str | None, skip_job: bool, health_timeout: float, job_timeout: float) -> None:
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     with httpx.Client(base_url=base_url, headers=headers, timeout=300) as client:
@@ -68,75 +165,32 @@ def run(base_url: str, api_key: str | None, skip_job: bool, health_timeout: floa
         print(f"ok (worker pid {health.get('worker', {}).get('pid')})")
 
         step("models")
-        models = expect(client.get("/v1/models"))
-        ids = [m["id"] for m in models["data"]]
-        check(BUILTIN in ids, f"{BUILTIN} not in {ids}")
-        print(f"ok ({len(ids)} models)")
+        print(f"ok ({len(check_models(client))} models)")
 
         step("completion")
-        comp = expect(client.post("/v1/completions", json={"model": BUILTIN, "prompt": "The capital of France is", "max_tokens": 4, "temperature": 0}))
-        text = comp["choices"][0]["text"]
-        check(comp["object"] == "text_completion" and comp["usage"]["completion_tokens"] >= 1, f"bad completion: {comp}")
-        print(f"ok ({text!r})")
+        print(f"ok ({check_completion(client)!r})")
 
         step("streamed chat completion")
-        body = {
-            "model": BUILTIN, "messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8,
-            "temperature": 0, "stream": True, "stream_options": {"include_usage": True},
-        }
-        events: list[Any] = []
-        with client.stream("POST", "/v1/chat/completions", json=body) as resp:
-            check(resp.status_code == 200, f"stream answered {resp.status_code}")
-            check(resp.headers.get("content-type", "").startswith("text/event-stream"), "not an SSE response")
-            for line in resp.iter_lines():
-                if line.startswith("data: "):
-                    payload = line[len("data: "):]
-                    events.append(payload if payload == "[DONE]" else json.loads(payload))
-        check(bool(events) and events[-1] == "[DONE]", "stream did not end with [DONE]")
-        check(all("error" not in e for e in events if isinstance(e, dict)), f"error in stream: {events}")
-        usage = events[-2]
-        check(usage["choices"] == [] and usage["usage"]["completion_tokens"] >= 1, f"no usage chunk: {usage}")
-        content = "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-2] if e["choices"])
-        print(f"ok ({content!r}, {len(events)} events)")
+        content, n_events = check_streamed_chat(client)
+        print(f"ok ({content!r}, {n_events} events)")
 
         if skip_job:
             return
 
-        step("quantization job")
-        job = expect(client.post("/v1/quantization/jobs", json=TINY_JOB, headers={"Idempotency-Key": f"smoke-{time.time_ns()}"}))
-        job_id = job["id"]
-        deadline = time.monotonic() + job_timeout
-        while job["status"] in ("queued", "running"):
-            check(time.monotonic() < deadline, f"job {job_id} still {job['status']} after {job_timeout:.0f} s")
-            time.sleep(2)
-            job = expect(client.get(f"/v1/quantization/jobs/{job_id}"))
-        check(job["status"] == "succeeded", f"job {job_id} ended {job['status']}: {job.get('error')}")
-        print(f"ok ({job_id}, {job['stats'].get('bits_per_weight', 0):.3f} bits/weight)")
+        step("quantization job (following its live events)")
+        job, events = run_job(client, TINY_JOB, job_timeout)
+        print(f"ok ({job['id']}, {len(events)} events, {job['stats'].get('bits_per_weight', 0):.3f} bits/weight)")
 
         step("result download")
-        from safetensors import safe_open
-
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "model.safetensors"
-            with client.stream("GET", f"/v1/quantization/jobs/{job_id}/result") as resp:
-                check(resp.status_code == 200, f"result answered {resp.status_code}")
-                with open(path, "wb") as fh:
-                    for chunk in resp.iter_bytes():
-                        fh.write(chunk)
-            expected = {f["filename"]: f["bytes"] for f in job["result_files"]}["model.safetensors"]
-            check(path.stat().st_size == expected, f"downloaded {path.stat().st_size} bytes, expected {expected}")
-            with safe_open(str(path), framework="numpy") as st:
-                keys = list(st.keys())
-            check(any(k.endswith(".scales") for k in keys), "no quantization scales in the safetensors file")
-        print(f"ok ({expected} bytes, {len(keys)} tensors)")
+        size, n_tensors = check_result(client, job)
+        print(f"ok ({size} bytes, {n_tensors} tensors)")
 
         step("completion from the quantized model")
-        comp = expect(client.post("/v1/completions", json={"model": job_id, "prompt": "The capital of France is", "max_tokens": 2, "temperature": 0}))
-        print(f"ok ({comp['choices'][0]['text']!r})")
+        print(f"ok ({check_completion(client, job['id'])!r})")
 
         step("delete job")
-        expect(client.delete(f"/v1/quantization/jobs/{job_id}"))
-        expect(client.get(f"/v1/quantization/jobs/{job_id}"), 404)
+        expect(client.delete(f"/v1/quantization/jobs/{job['id']}"))
+        expect(client.get(f"/v1/quantization/jobs/{job['id']}"), 404)
         print("ok")
 
 

@@ -25,11 +25,23 @@ import httpx
 import pytest
 
 openai = pytest.importorskip("openai")
+def _load_smoke() -> Any:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("mm_smoke", Path(__file__).resolve().parent.parent / "scripts" / "smoke.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+smoke = _load_smoke()
 
 KEY = "e2e-secret"
 BUILTIN = "smollm2-135m-instruct"
 TINY = {"n_samples": 2, "seq_len": 32, "n_grid": 2}
 JOB_TIMEOUT_S = 240
+UPLOAD_LIMIT = 128 << 20  # the built-in GGUF is 98 MB
 
 
 def _free_port() -> int:
@@ -56,6 +68,7 @@ class Server:
         env.update({
             "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "MM_WORKER_THREADS": "1",
             "MM_MAX_QUEUED_JOBS": "2", "MM_MAX_INFLIGHT": "3", "MM_WORKER_MEMORY_MB": "2048",
+            "MM_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
         })
         cmd = [sys.executable, "-m", "service", "--port", str(self.port), "--data-dir", str(self.data_dir),
                "--api-key", KEY, "--model-roots", str(self.roots), "--log-level", "warning"]
@@ -405,6 +418,82 @@ def test_serve_quantized_model_by_job_id(server: Server) -> None:
     client = server.openai()
     chat = client.chat.completions.create(model=server.shared_job, messages=[{"role": "user", "content": "What is the capital of France?"}], max_tokens=6, temperature=0)
     assert chat.model == server.shared_job and chat.usage.completion_tokens >= 1 and chat.choices[0].message.content
+
+
+def test_smoke_checks(server: Server) -> None:
+    """scripts/smoke.py's checks against this server; its job part on the shared job's result."""
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+        assert smoke.wait_healthy(client, 30)["status"] == "ok"
+        assert server.shared_job in smoke.check_models(client)
+        assert "Paris" in smoke.check_completion(client)
+        content, n_events = smoke.check_streamed_chat(client)
+        assert content and n_events >= 3
+        job = server.job(server.shared_job)
+        size, n_tensors = smoke.check_result(client, job)
+        assert size == {f["filename"]: f["bytes"] for f in job["result_files"]}["model.safetensors"] and n_tensors > 100
+        assert smoke.check_completion(client, server.shared_job)
+        with pytest.raises(smoke.SmokeFailure):
+            smoke.check_completion(client, "no-such-model")
+
+
+def test_job_from_uploaded_files_with_live_events(server: Server) -> None:
+    """Upload the built-in GGUF and a calibration text, quantize them, follow the job's events
+    live (SSE), resume the stream mid-way, download the result; then delete the uploads."""
+    from metal_marlin.assets import builtin_model_path, wikipedia_summaries_path
+
+    gguf = builtin_model_path()
+    texts = [v["extract"] for v in json.loads(wikipedia_summaries_path().read_text(encoding="utf-8")).values()][:40]
+    with open(gguf, "rb") as fh:
+        model = server.http.post("/v1/files", files={"file": ("smollm2.gguf", fh)}, data={"purpose": "model"}, timeout=300)
+    assert model.status_code == 200, model.text
+    model = model.json()
+    assert model["bytes"] == gguf.stat().st_size and model["filename"] == "smollm2.gguf"
+    assert (server.data_dir / "files" / model["id"]).stat().st_size == model["bytes"]
+    calib = server.http.post("/v1/files", files={"file": ("wiki.txt", "\n\n".join(texts).encode())}, data={"purpose": "calibration"}).json()
+
+    body = {**TINY, "model": {"source": "file", "file_id": model["id"]}, "calibration": {"source": "file", "file_id": calib["id"]}}
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as client:
+        started = time.monotonic()
+        job, events = smoke.run_job(client, body, JOB_TIMEOUT_S)
+        assert job["model_source"] == {"source": "file", "path": None, "file_id": model["id"]}
+        assert "text file" in job["stats"]["calibration"]
+        types = [e["type"] for _, e in events]
+        assert types[:2] == ["created", "started"] and types[-1] == "succeeded"
+        arrivals = {e["data"]["block"]: t - started for t, e in events if e["type"] == "progress" and e["data"]["stage"] == "quantizing"}
+        assert sorted(arrivals) == list(range(1, 31))
+        assert arrivals[30] - arrivals[1] > 2.0, arrivals  # streamed while the job ran, not all at the end
+        listed = server.http.get(f"/v1/quantization/jobs/{job['id']}/events", params={"limit": 1000}).json()["data"]
+        assert [e for _, e in events] == listed
+        # resume mid-way: the rest, then [DONE] at once (the job is over)
+        middle = listed[len(listed) // 2]["id"]
+        resp = server.http.get(f"/v1/quantization/jobs/{job['id']}/events", headers={"Accept": "text/event-stream", "Last-Event-ID": middle})
+        tail = [data for _, data in smoke.sse_lines(resp)]
+        assert tail[-1] == "[DONE]" and [e["id"] for e in tail[:-1]] == [e["id"] for e in listed[len(listed) // 2 + 1:]]
+        smoke.check_result(client, job)
+    chat = server.openai().chat.completions.create(model=job["id"], messages=[{"role": "user", "content": "Hi"}], max_tokens=3, temperature=0)
+    assert chat.usage.completion_tokens >= 1
+
+    for f in (model, calib):
+        assert server.http.delete(f"/v1/files/{f['id']}").json()["deleted"]
+    assert server.http.delete(f"/v1/quantization/jobs/{job['id']}").status_code == 200
+    assert not list((server.data_dir / "files").glob("file-*")) and not list((server.data_dir / "files" / ".tmp").iterdir())
+
+
+def test_upload_over_the_limit_leaves_nothing(server: Server) -> None:
+    def body() -> Iterator[bytes]:  # chunked: the limit is found while streaming
+        yield b'--xx\r\nContent-Disposition: form-data; name="purpose"\r\n\r\nmodel\r\n'
+        yield b'--xx\r\nContent-Disposition: form-data; name="file"; filename="big.gguf"\r\n\r\nGGUF'
+        for _ in range(UPLOAD_LIMIT // (1 << 20) + 4):
+            yield b"\0" * (1 << 20)
+        yield b"\r\n--xx--\r\n"
+
+    try:
+        resp = server.http.post("/v1/files", headers={"Content-Type": "multipart/form-data; boundary=xx"}, content=body())
+        assert resp.status_code == 413 and resp.json()["error"]["code"] == "request_too_large"
+    except httpx.TransportError:
+        pass  # the server may close the connection before the client has sent everything
+    assert server.http.get("/health").status_code == 200
+    assert not list((server.data_dir / "files").glob("file-*")) and not list((server.data_dir / "files" / ".tmp").iterdir())
 
 
 # ---------------------------------------------------------------------------------------
