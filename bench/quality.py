@@ -153,7 +153,8 @@ def main() -> None:
     parser.add_argument("--settings", default=SETTINGS, help="bits:group pairs, comma-separated")
     parser.add_argument("--salient-ratios", default=SALIENT_RATIOS,
                         help="extra runs of ours with fp16 salient channels at each setting ('' for none)")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--no-original", action="store_true", help="skip the unquantized model's row (another run has it)")
+    parser.add_argument("--json", default=None, help="also write the results here (rewritten after every job)")
     parser.add_argument("--run-one", nargs=4, metavar=("VARIANT", "BITS", "GROUP", "SALIENT"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -173,7 +174,7 @@ def main() -> None:
     config = load_builtin_model().config
     settings = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",") if item]
     salient_ratios = [float(v) for v in args.salient_ratios.split(",") if v]
-    jobs: list[tuple[str, int, int, float]] = [("original", 16, 0, 0.0)]
+    jobs: list[tuple[str, int, int, float]] = [] if args.no_original else [("original", 16, 0, 0.0)]
     skipped = []
     for bits, group in settings:
         try:
@@ -182,11 +183,21 @@ def main() -> None:
             skipped.append({"bits": bits, "group_size": group, "reason": str(exc)})
             continue
         jobs += [(q, bits, group, 0.0) for q in QUANTIZERS]  # quantizers alternate within each setting
-        if len(jobs) == 1 + len(QUANTIZERS):  # the salient sweep runs at the first valid setting
+        if not any(v == "ours" for v, *_ in jobs[: -len(QUANTIZERS)]):  # the sweep runs at the first valid setting
             jobs += [("ours", bits, group, r) for r in salient_ratios]
 
-    results = []
+    results: list[dict[str, Any]] = []
     started = time.time()
+    report: dict[str, Any] = {
+        "benchmark": "quality",
+        "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+        "machine": describe_machine(),
+        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
+        "calibration": f"{args.n_samples} x {args.seq_len} tokens of the Wikipedia calibration split",
+        "skipped": skipped,
+        "planned": len(jobs),
+        "results": results,
+    }
     with tempfile.TemporaryDirectory() as workdir:
         for variant, bits, group, salient in jobs:
             cmd = [sys.executable, __file__, "--run-one", variant, str(bits), str(group), str(salient), "--workdir", workdir,
@@ -194,21 +205,13 @@ def main() -> None:
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
             results.append(json.loads(out))
             print(json.dumps(results[-1]), file=sys.stderr, flush=True)
+            report["eval_tokens"] = {c: results[-1][f"eval_tokens_{c}"] for c in CORPORA}
+            report["wall_time_s"] = time.time() - started
+            report["complete"] = len(results) == len(jobs)
+            if args.json:  # after every job: a long run that dies keeps what it measured
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(report, indent=1))
 
-    report = {
-        "benchmark": "quality",
-        "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
-        "machine": describe_machine(),
-        "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
-        "wall_time_s": time.time() - started,
-        "calibration": f"{args.n_samples} x {args.seq_len} tokens of the Wikipedia calibration split",
-        "eval_tokens": {c: results[0][f"eval_tokens_{c}"] for c in CORPORA},
-        "skipped": skipped,
-        "results": results,
-    }
-    if args.json:  # first: an hour of measurements must not be lost to a formatting error
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
     print(render_table(report))
 
 

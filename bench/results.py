@@ -29,8 +29,11 @@ IMAGES = DOCS / "img"
 
 #: name -> (script, default arguments). The quality settings trade calibration size for a
 #: run that fits in an afternoon on 2 cores; the same tokens go to every quantizer.
+QUALITY_ARGS = ["--n-samples", "8", "--seq-len", "256", "--max-windows", "16"]
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
-    "quality": ("quality.py", ["--n-samples", "8", "--seq-len", "256", "--max-windows", "16"]),
+    # Two quality runs so that each fits in a working session; same calibration and windows.
+    "quality-4bit": ("quality.py", [*QUALITY_ARGS, "--settings", "4:64,4:128"]),
+    "quality-3bit": ("quality.py", [*QUALITY_ARGS, "--settings", "3:64", "--salient-ratios", "", "--no-original"]),
     "generate": ("generate.py", []),
     "serve": ("serve.py", []),
 }
@@ -152,6 +155,17 @@ def _provenance(report: dict[str, Any]) -> str:
             f"Machine: {report['machine']}.")
 
 
+def merge_quality(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One quality report from several runs of bench/quality.py (rows concatenated)."""
+    if not reports:
+        return None
+    merged = dict(reports[0])
+    merged["results"] = [r for rep in reports for r in rep["results"]]
+    merged["skipped"] = [s for rep in reports for s in rep.get("skipped", [])]
+    merged["runs"] = [{k: rep.get(k) for k in ("command", "started", "machine", "complete")} for rep in reports]
+    return merged
+
+
 def render_page(quality: dict | None, generate: dict | None, serve: dict | None) -> str:
     sys.path.insert(0, str(HERE))
     lines = [
@@ -173,8 +187,8 @@ def render_page(quality: dict | None, generate: dict | None, serve: dict | None)
         lines += [
             "## Quantization quality, time and memory",
             "",
-            _provenance(quality),
-            "",
+            *[_provenance(run) + ("" if run.get("complete", True) else " **Incomplete run.**") + "\n"
+              for run in quality.get("runs", [quality])],
             "Each quantizer ran in its own process on the same calibration tokens; time is the",
             "quantization loop (loading and saving excluded), peak RSS is the process maximum",
             "right after quantizing. mlx-lm's AWQ also quantizes the tied embedding (8-bit",
@@ -226,7 +240,8 @@ def main() -> None:
             if args.reuse and (OUT / f"{name}.json").is_file():
                 continue
             run_benchmark(name)
-    page = render_page(load_report("quality"), load_report("generate"), load_report("serve"))
+    quality = merge_quality([r for name in BENCHMARKS if name.startswith("quality") and (r := load_report(name))])
+    page = render_page(quality, load_report("generate"), load_report("serve"))
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "RESULTS.md").write_text(page)
     print(f"wrote {DOCS / 'RESULTS.md'}")
