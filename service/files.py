@@ -97,6 +97,11 @@ def cleanup_files_dir(store: JobStore, data_dir: Path) -> None:
             child.unlink(missing_ok=True)
 
 
+def check_purpose(purpose: str) -> None:
+    if purpose not in FILE_PURPOSES:
+        raise APIError(400, f"invalid value for purpose: expected one of {list(FILE_PURPOSES)}", param="purpose", code="invalid_value")
+
+
 class _Upload:
     """The state of one multipart upload while its body streams in."""
 
@@ -141,6 +146,8 @@ class _Upload:
                     self.fields[self._part.name] = self._value.decode("utf-8")
                 except UnicodeDecodeError as exc:
                     raise APIError(400, f"the form field {self._part.name!r} is not UTF-8", param=self._part.name, code="invalid_value") from exc
+                if self._part.name == "purpose":
+                    check_purpose(self.fields["purpose"])  # before a file part that follows is uploaded for nothing
             self._part = None
 
     def _finish_sink(self) -> None:
@@ -205,8 +212,7 @@ def _publish(state: ServiceState, upload: _Upload, file_id: str) -> StoredFile:
     purpose = upload.fields.get("purpose")
     if purpose is None:
         raise APIError(400, "missing required parameter: purpose", param="purpose", code="missing_required_parameter")
-    if purpose not in FILE_PURPOSES:
-        raise APIError(400, f"invalid value for purpose: expected one of {list(FILE_PURPOSES)}", param="purpose", code="invalid_value")
+    check_purpose(purpose)
     if upload.size == 0:
         raise APIError(400, "the uploaded file is empty", param="file", code="invalid_file")
     try:
