@@ -114,3 +114,15 @@ def test_one_worker_per_data_dir(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     os.close(_acquire_lock(tmp_path, wait_s=0))
+
+
+def test_uploaded_source_removed_before_the_run_fails_the_job(setup) -> None:
+    store, runner, data, _, _ = setup
+    store.add_file("file-000000000000000000000001", nbytes=4, filename="gone.gguf", purpose="model", format="gguf", created_at=time.time())
+    spec = {"model": {"source": "file", "file_id": "file-000000000000000000000001"}, "calibration": {"source": "builtin"}, "hyperparameters": HP}
+    job, _ = store.create_job(spec)  # the record exists, its bytes under <data>/files/ do not
+    runner.start()
+    _wait(store, job.id, {"failed", "succeeded"})
+    failed = store.get(job.id)
+    assert failed.status == "failed" and failed.error["code"] == "file_not_found", failed.error
+    assert not result_dir(data, job.id).exists()
