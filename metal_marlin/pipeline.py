@@ -17,7 +17,10 @@ For each decoder block, on the *full-precision* block input:
 6. Feed the float block's output to the next block, so errors do not compound during
    calibration.
 
-All search math is float32. Only one block's calibration activations live at a time.
+All search math is float32. Only one block's calibration activations live at a time, and
+``awq_quantize_model`` streams the weights: it reads block ``i``'s tensors from the
+checkpoint right before quantizing block ``i`` and drops its float weights right after,
+so about one float block (plus the embedding) is in memory, never the whole model.
 """
 
 from __future__ import annotations
@@ -342,11 +345,14 @@ def quantize_loaded_model(
     compute_backend: str = "auto",
     progress: ProgressFn | None = None,
     method: Literal["awq", "rtn"] = "awq",
+    load_block: Callable[[int], None] | None = None,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """AWQ over every block of a loaded model; returns (output tensors by HF name, stats).
+    """AWQ over every block of a model; returns (output tensors by HF name, stats).
 
     Each block's float weights are released once its quantized tensors exist, so the
-    model is never held twice.
+    model is never held twice. ``load_block(i)``, when given, is called right before
+    block ``i`` is quantized (after block ``i - 1`` was released) to load its weights:
+    with ``checkpoints.build_model_lazily`` only one float block is ever in memory.
     """
     spec = validate_settings(model.config, bits, group_size, salient_ratio, activation_method, method)
     xp = compute_namespace(compute_backend)
@@ -363,6 +369,8 @@ def quantize_loaded_model(
     started = time.perf_counter()
     for index, block in enumerate(layers):
         t0 = time.perf_counter()
+        if load_block is not None:
+            load_block(index)
         block.update(_as_float32(block))
         fp_out, stored, stats = _quantize_block(block, x, spec, salient_ratio, activation_method, n_grid, duo_scaling, method, xp)
         for path, items in stored.items():
@@ -486,15 +494,16 @@ def awq_quantize_model(
     bar when no callback is given. Raising from ``progress`` aborts (used for cancellation).
     """
     from metal_marlin.checkpoints.hf import save_hf_folder
-    from metal_marlin.checkpoints.loader import load_builtin_model, load_model
+    from metal_marlin.checkpoints.loader import build_model_lazily, open_checkpoint
     from metal_marlin.tokenizer import load_tokenizer
 
     output_path = Path(output_path)
     validate_settings(None, bits, group_size, salient_ratio, activation_method, method)  # before loading
     started = time.perf_counter()
-    loaded = load_builtin_model() if model_path is None else load_model(model_path)
-    model, config, metadata = loaded
+    checkpoint = open_checkpoint(model_path)
+    config, metadata = checkpoint.config, checkpoint.metadata
     validate_settings(config, bits, group_size, salient_ratio, activation_method, method)
+    model, load_block = build_model_lazily(checkpoint)
     tokenizer = load_tokenizer(model_path)
     batch, source = _calibration_batch(model, tokenizer, activations_path, text_path, n_samples, seq_len)
 
@@ -508,11 +517,13 @@ def awq_quantize_model(
         tensors, stats = quantize_loaded_model(
             model, batch, bits=bits, group_size=group_size, salient_ratio=salient_ratio,
             activation_method=activation_method, n_grid=n_grid, duo_scaling=duo_scaling,
-            compute_backend=compute_backend, progress=progress, method=method,
+            compute_backend=compute_backend, progress=progress, method=method, load_block=load_block,
         )
     finally:
         if bar is not None:
             bar.close()
+    del model, load_block, checkpoint  # the float embedding lives on as numpy in ``tensors``
+    mx.clear_cache()  # give MLX's freed buffers back before the output copies are made
     stats.update(
         {
             "model_path": str(model_path) if model_path is not None else "builtin:smollm2-135m-instruct",
@@ -526,7 +537,7 @@ def awq_quantize_model(
         if metadata.get(key) is not None:
             hf_config[key] = metadata[key]
     config_out = output_config(hf_config, bits, group_size, salient_ratio > 0, stats)
-    stored = {k: _storage_dtype(k, v) for k, v in tensors.items()}
+    stored = {k: _storage_dtype(k, tensors.pop(k)) for k in list(tensors)}  # one float32 copy at a time
     extra_files: dict[str, str | bytes] = {"quant_stats.json": json.dumps(stats, indent=1)}
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save(tmp)

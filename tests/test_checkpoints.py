@@ -196,19 +196,24 @@ def test_hf_folder_round_trip_matches_reference(tmp_path, make_tiny, model_type,
     assert rel_err(model_logits(model, TOKENS), reference_forward(cfg, weights, TOKENS)) < 1e-5
 
 
-def test_sharded_safetensors_with_index(tmp_path, make_tiny):
-    cfg, weights = make_tiny(tie=False)
-    folder = tmp_path / "sharded"
+def write_hf_shards(folder: Path, cfg: dict, tensors: dict) -> None:
+    """Two shards plus an index, as Hugging Face writes large models."""
     folder.mkdir()
-    names = sorted(weights)
+    names = sorted(tensors)
     shards = {"model-00001-of-00002.safetensors": names[: len(names) // 2],
               "model-00002-of-00002.safetensors": names[len(names) // 2:]}
     weight_map = {}
     for file, keys in shards.items():
-        mx.save_safetensors(str(folder / file), {k: mx.array(weights[k]) for k in keys})
+        mx.save_safetensors(str(folder / file), {k: mx.array(tensors[k]) for k in keys})
         weight_map.update({k: file for k in keys})
     (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_sharded_safetensors_with_index(tmp_path, make_tiny):
+    cfg, weights = make_tiny(tie=False)
+    folder = tmp_path / "sharded"
+    write_hf_shards(folder, cfg, weights)
     model, _, _ = load_model(folder)
     assert rel_err(model_logits(model, TOKENS), reference_forward(cfg, weights, TOKENS)) < 1e-5
     (folder / "model-00002-of-00002.safetensors").unlink()
@@ -337,3 +342,115 @@ def test_quantized_shape_mismatch_with_config_raises(tmp_path, make_tiny):
     cfg["quantization"] = {"group_size": 64, "bits": 4}
     with pytest.raises(ValueError, match="group_size"):
         load_model(save_hf_folder(tmp_path / "q", stored, cfg))
+
+
+# --- lazy checkpoints: one tensor at a time -----------------------------------------------
+
+def test_lazy_gguf_returns_exactly_what_read_gguf_returns():
+    from metal_marlin.assets import builtin_model_path
+    from metal_marlin.checkpoints import GGUFCheckpoint, read_gguf
+
+    config, weights, metadata = read_gguf(builtin_model_path())
+    lazy = GGUFCheckpoint(builtin_model_path())
+    assert lazy.config == config and lazy.metadata == metadata
+    assert lazy.names == list(weights) and len(weights) == 272
+    for name in reversed(lazy.names):  # any order, each read on its own
+        value = lazy.tensor(name)
+        assert value.dtype == weights[name].dtype == np.float32, name
+        np.testing.assert_array_equal(value, weights[name], err_msg=name)
+    # dequantized a few rows at a time, the values are gguf's whole-tensor ones
+    raw = {t.name: t for t in gguf.GGUFReader(builtin_model_path()).tensors}
+    for gguf_tensor, name in (("token_embd.weight", "model.embed_tokens.weight"),  # Q8_0
+                              ("blk.0.ffn_up.weight", "model.layers.0.mlp.up_proj.weight")):  # Q4_1
+        whole = gguf.quants.dequantize(raw[gguf_tensor].data, raw[gguf_tensor].tensor_type)
+        np.testing.assert_array_equal(weights[name], whole, err_msg=name)
+
+
+def test_lazy_hf_folder_matches_read_hf_weights_bfloat16_included(tmp_path, make_tiny):
+    from metal_marlin.checkpoints import SafetensorsFolder
+
+    cfg, weights = make_tiny(tie=False)
+    tensors = {k: mx.array(v) for k, v in weights.items()}
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].astype(mx.bfloat16)
+    tensors["model.layers.1.self_attn.o_proj.weight"] = tensors["model.layers.1.self_attn.o_proj.weight"].astype(mx.float16)
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = mx.arange(8, dtype=mx.float32)  # sanitize drops it
+    write_hf_shards(tmp_path / "m", cfg, tensors)
+    eager = read_hf_weights(tmp_path / "m")
+    lazy = SafetensorsFolder(tmp_path / "m")
+    assert lazy.names == list(eager) and set(eager) == set(tensors)
+    for name in lazy.names:
+        for _ in range(2):  # asking again gives a fresh array with the same contents
+            value = lazy.tensor(name)
+            assert value.dtype == eager[name].dtype == tensors[name].dtype, name
+            assert mx.array_equal(value, eager[name]).item(), name
+    (tmp_path / "m" / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="00002"):
+        SafetensorsFolder(tmp_path / "m")
+
+
+@pytest.mark.parametrize("kind", ["hf", "gguf"])
+def test_lazily_built_model_loads_block_by_block_to_the_eager_model(tmp_path, make_tiny, kind):
+    from metal_marlin.checkpoints import build_model_lazily, open_checkpoint
+
+    cfg, weights = make_tiny(tie=kind == "gguf")
+    if kind == "hf":  # bfloat16 and an unused HF tensor, both handled like build_model does
+        bf16 = {k: mx.array(v).astype(mx.bfloat16) for k, v in weights.items()}
+        bf16["model.layers.1.self_attn.rotary_emb.inv_freq"] = mx.arange(8, dtype=mx.float32)
+        path = save_hf_folder(tmp_path / "m", bf16, cfg)
+    else:
+        path = tmp_path / "m.gguf"
+        write_gguf(path, cfg, weights)
+    eager = load_model(path)
+    checkpoint = open_checkpoint(path)
+    assert checkpoint.config == eager.config and checkpoint.metadata == eager.metadata
+    model, load_block = build_model_lazily(checkpoint)
+    outside = params(model)
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):
+        np.testing.assert_array_equal(outside[name], params(eager.model)[name])
+    for i in range(cfg["num_hidden_layers"]):
+        load_block(i)
+    lazy = params(model)
+    assert set(lazy) == set(params(eager.model))
+    for name, value in params(eager.model).items():
+        assert lazy[name].dtype == value.dtype == np.float32, name
+        np.testing.assert_array_equal(lazy[name], value, err_msg=name)
+
+
+def test_lazily_built_model_allocates_only_what_is_loaded():
+    """Constructor arrays are lazy: an unloaded block costs nothing until ``load_block``."""
+    import gc
+
+    from metal_marlin.checkpoints import LazyCheckpoint, build_model_lazily
+    from metal_marlin.models.llama import LlamaConfig, LlamaModel
+
+    config = LlamaConfig(hidden_size=512, intermediate_size=2048, num_hidden_layers=6,
+                         num_attention_heads=8, num_key_value_heads=8, head_dim=64,
+                         rms_norm_eps=1e-5, rope_theta=10000.0, vocab_size=256,
+                         tie_word_embeddings=True)
+    shapes = {k: v.shape for k, v in tree_flatten(LlamaModel(config).parameters())}
+
+    class Zeros:  # a checkpoint source that makes each tensor when asked
+        names = list(shapes)
+
+        def tensor(self, name):
+            return np.zeros(shapes[name], np.float32)
+
+    block_bytes = 4 * sum(np.prod(s) for k, s in shapes.items() if k.startswith("model.layers.0."))
+    assert block_bytes > 12e6  # 3.1M parameters: six blocks would be 75 MB
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    model, load_block = build_model_lazily(LazyCheckpoint(config, {}, Zeros()))
+    assert mx.get_active_memory() - before < 1e6  # the 0.5 MB embedding and the norm
+    load_block(0)
+    grown = mx.get_active_memory() - before
+    assert block_bytes <= grown < block_bytes + 1e6
+    del model, load_block
+
+
+def test_open_checkpoint_refuses_quantized_folders(tmp_path, make_tiny):
+    from metal_marlin.checkpoints import open_checkpoint
+
+    cfg, stored, _ = quantized_checkpoint(make_tiny, 32, 4, salient=False)
+    with pytest.raises(ValueError, match="already quantized"):
+        open_checkpoint(save_hf_folder(tmp_path / "q", stored, cfg))

@@ -231,3 +231,62 @@ def test_collect_writes_an_activations_file_the_pipeline_accepts(tmp_path: Path,
     expected = np.array(smollm2.model.model.embed_tokens(mx.array(batch.input_ids)))
     np.testing.assert_allclose(batch.hidden_states, expected, rtol=1e-3, atol=1e-3)  # stored as float16
     assert "activations file" in source
+
+
+# ---------------------------------------------------------------- streaming
+
+
+def test_streaming_reads_one_block_at_a_time_and_matches_the_eager_pipeline(tmp_path: Path, smollm2, tokenizer, monkeypatch) -> None:
+    """awq_quantize_model asks for block i's tensors only after block i-1 was released, and
+    its outputs and stats are those of quantize_loaded_model on the eagerly loaded model."""
+    from metal_marlin import pipeline
+    from metal_marlin.checkpoints import LazyCheckpoint, loader
+    from metal_marlin.models.llama import LlamaModel
+
+    events: list[tuple[str, int]] = []  # ("read", block or -1 outside the blocks) / ("released", block)
+
+    class Spy:
+        def __init__(self, source):
+            self.source, self.names = source, source.names
+
+        def tensor(self, name):
+            events.append(("read", int(name.split(".")[2]) if name.startswith("model.layers.") else -1))
+            return self.source.tensor(name)
+
+    def spying_open(path=None):
+        checkpoint = open_checkpoint(path)
+        return LazyCheckpoint(checkpoint.config, checkpoint.metadata, Spy(checkpoint.tensors))
+
+    open_checkpoint = loader.open_checkpoint
+    monkeypatch.setattr(loader, "open_checkpoint", spying_open)
+    outputs = {}  # every float32 output tensor, as the pipeline hands it to storage
+    store = pipeline._storage_dtype
+    monkeypatch.setattr(pipeline, "_storage_dtype", lambda name, value: store(name, outputs.setdefault(name, value)))
+    settings = dict(bits=4, group_size=64, salient_ratio=0.01, method="rtn")
+    stats = awq_quantize_model(
+        None, tmp_path / "s", n_samples=2, seq_len=64, verbose=False,
+        progress=lambda event: events.append(("released", event["block"] - 1)), **settings,
+    )
+
+    expected = [("read", -1)] * 2  # the embedding (tied, so no lm_head) and the final norm
+    for i in range(smollm2.config.num_hidden_layers):
+        expected += [("read", i)] * 9 + [("released", i)]  # 2 norms and 7 linears, each read once
+    assert events == expected
+
+    # the eager path: the same float weights (the session model's, not released), same batch
+    eager = LlamaModel(smollm2.config)
+    eager.load_weights(list(tree_flatten(smollm2.model.parameters())))
+    batch, _ = pipeline._calibration_batch(eager, tokenizer, None, None, 2, 64)
+    tensors, eager_stats = pipeline.quantize_loaded_model(eager, batch, **settings)
+    assert outputs.keys() == tensors.keys()
+    for name, value in tensors.items():
+        assert outputs[name].dtype == value.dtype, name
+        np.testing.assert_array_equal(outputs[name], value, err_msg=name)
+
+    def timeless(value):
+        if isinstance(value, dict):
+            return {k: timeless(v) for k, v in value.items() if k != "time_s"}
+        return [timeless(v) for v in value] if isinstance(value, list) else value
+
+    assert timeless(eager_stats) == {k: v for k, v in timeless(stats).items() if k in eager_stats}
+    assert smollm2.model.model.layers[0].mlp.up_proj.weight.shape == (1536, 576)  # still loaded

@@ -85,18 +85,34 @@ def unpermute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+_DEQUANTIZE_BYTES = 1 << 22  # stored bytes per gguf.quants.dequantize call
+
+
 def dequantize_tensor(tensor: Any) -> np.ndarray:
-    """Float32 values of a GGUF tensor in numpy (row-major, HF ``[out, in]`` order)."""
-    qtype = tensor.tensor_type
+    """Float32 values of a GGUF tensor in numpy (row-major, HF ``[out, in]`` order).
+
+    Block-quantized tensors are dequantized a few MB of rows at a time into the result:
+    ``gguf.quants.dequantize`` holds every row group's output before joining them, which
+    would double a large embedding's float32 size at its peak.
+    """
+    qtype, data = tensor.tensor_type, tensor.data
     if qtype == gguf.GGMLQuantizationType.F64:
-        return np.asarray(tensor.data, dtype=np.float32)
+        return np.asarray(data, dtype=np.float32)
+    plain = qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16)
+    step = len(data) if plain or data.ndim < 2 else max(1, len(data) * _DEQUANTIZE_BYTES // data.nbytes)
     try:
-        out = gguf.quants.dequantize(tensor.data, qtype)
+        first = np.asarray(gguf.quants.dequantize(data[:step], qtype), dtype=np.float32)
+        if step >= len(data):
+            return first
+        out = np.empty((len(data), *first.shape[1:]), dtype=np.float32)
+        out[:step] = first
+        for start in range(step, len(data), step):
+            out[start : start + step] = gguf.quants.dequantize(data[start : start + step], qtype)
     except NotImplementedError:
         raise ValueError(
             f"GGUF tensor {tensor.name!r} has unsupported tensor type {qtype.name}"
         ) from None
-    return np.asarray(out, dtype=np.float32)
+    return out
 
 
 def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
@@ -158,40 +174,57 @@ def _tokenizer_fields(reader: gguf.GGUFReader) -> dict[str, Any]:
     return {k[len(prefix):]: f.contents() for k, f in reader.fields.items() if k.startswith(prefix)}
 
 
-def read_gguf(
-    path: str | Path, *, unpermute: bool = True
-) -> tuple[LlamaConfig, dict[str, np.ndarray], dict[str, Any]]:
-    """``(config, float32 HF-named weights, metadata)`` of a llama GGUF file.
+class GGUFCheckpoint:
+    """A llama GGUF file opened without dequantizing it: config and metadata at once, each
+    tensor dequantized (and Q/K un-permuted) when asked for.
 
+    The reader memory-maps the file, so only the tensors asked for are ever expanded to
+    float32; ``read_gguf`` is every tensor of this, in file order.
     ``unpermute=False`` keeps llama.cpp's Q/K row order (only useful to demonstrate that
-    the permutation matters). Raises ValueError for other architectures, tensor types
-    without a dequantizer, or tensors the Llama model does not have.
+    the permutation matters). Raises ValueError for other architectures and for tensors
+    the Llama model does not have; a tensor type without a dequantizer raises when that
+    tensor is read.
     """
-    path = Path(path)
-    reader = _Reader(path)
-    arch = _field(reader, "general.architecture")
-    names = {t.name for t in reader.tensors}
-    embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
-    if arch in SUPPORTED_ARCHITECTURES and embd is None:
-        raise ValueError(f"{path}: GGUF file has no token_embd.weight")
-    n_vocab = int(embd.shape[-1]) if embd is not None else 0  # ggml order: [dims, vocab]
-    config = _config_from_metadata(reader, names, n_vocab)
-    weights: dict[str, np.ndarray] = {}
-    for tensor in reader.tensors:
-        name = hf_name(tensor.name)
-        w = dequantize_tensor(tensor)
-        if unpermute and name.endswith(("q_proj.weight", "q_proj.bias")):
-            w = unpermute_qk(w, config.num_attention_heads)
-        elif unpermute and name.endswith(("k_proj.weight", "k_proj.bias")):
-            w = unpermute_qk(w, config.num_key_value_heads)
-        weights[name] = w
+
+    def __init__(self, path: str | Path, *, unpermute: bool = True) -> None:
+        self.path = Path(path)
+        self.unpermute = unpermute
+        reader = _Reader(self.path)
+        arch = _field(reader, "general.architecture")
+        embd = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if arch in SUPPORTED_ARCHITECTURES and embd is None:
+            raise ValueError(f"{self.path}: GGUF file has no token_embd.weight")
+        n_vocab = int(embd.shape[-1]) if embd is not None else 0  # ggml order: [dims, vocab]
+        self.config = _config_from_metadata(reader, {t.name for t in reader.tensors}, n_vocab)
+        self.metadata = _metadata(reader, self.path, self.config)
+        # Each tensor's data views the file mapping and keeps it open; the reader itself
+        # (tens of MB of parsed vocabulary fields) is not kept.
+        self._tensors = {hf_name(t.name): t for t in reader.tensors}
+
+    @property
+    def names(self) -> list[str]:
+        """HF names of every tensor, in file order."""
+        return list(self._tensors)
+
+    def tensor(self, name: str) -> np.ndarray:
+        """Float32 values of one tensor (HF name), Q/K rows in HF order. Stored F32
+        tensors other than Q/K come back as read-only views of the file."""
+        w = dequantize_tensor(self._tensors[name])
+        if self.unpermute and name.endswith(("q_proj.weight", "q_proj.bias")):
+            w = unpermute_qk(w, self.config.num_attention_heads)
+        elif self.unpermute and name.endswith(("k_proj.weight", "k_proj.bias")):
+            w = unpermute_qk(w, self.config.num_key_value_heads)
+        return w
+
+
+def _metadata(reader: gguf.GGUFReader, path: Path, config: LlamaConfig) -> dict[str, Any]:
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     eos_ids = [int(eos)] if eos is not None else []
     eot = _field(reader, "tokenizer.ggml.eot_token_id")
     if eot is not None and int(eot) not in eos_ids:
         eos_ids.append(int(eot))
     bos = _field(reader, "tokenizer.ggml.bos_token_id")
-    metadata = {
+    return {
         "source": str(path),
         "format": "gguf",
         "quantization": None,
@@ -204,4 +237,13 @@ def read_gguf(
         "context_length": config.max_position_embeddings,
         "gguf_tokenizer": _tokenizer_fields(reader),
     }
-    return config, weights, metadata
+
+
+def read_gguf(
+    path: str | Path, *, unpermute: bool = True
+) -> tuple[LlamaConfig, dict[str, np.ndarray], dict[str, Any]]:
+    """``(config, float32 HF-named weights, metadata)`` of a llama GGUF file: every tensor
+    of :class:`GGUFCheckpoint` at once (same errors)."""
+    checkpoint = GGUFCheckpoint(path, unpermute=unpermute)
+    weights = {name: checkpoint.tensor(name) for name in checkpoint.names}
+    return checkpoint.config, weights, checkpoint.metadata

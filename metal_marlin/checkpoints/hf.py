@@ -47,35 +47,65 @@ def _weight_files(folder: Path) -> list[Path]:
     return hf_files or files
 
 
-def read_hf_weights(folder: str | Path) -> dict[str, mx.array]:
-    """All tensors of a folder's safetensors (index-listed shards, or every file).
+class SafetensorsFolder:
+    """The safetensors of a model folder (index-listed shards, or every file), one tensor
+    at a time.
 
-    Uses ``mx.load`` so bfloat16 checkpoints load without a torch dependency. Missing
-    shards, and tensors the index lists but no shard holds, raise errors.
+    ``mx.load`` reads a file's header only: its arrays are lazy and each reads its own bytes
+    when evaluated (bfloat16 included, which ``safe_open``'s numpy and mlx frameworks cannot
+    return in safetensors 0.8), so a tensor costs memory from its evaluation until its
+    caller drops it. Each ``tensor()`` call hands out an array no one else holds. Missing
+    shards, tensors in two shards, and tensors the index lists but no shard holds raise
+    errors here.
     """
-    folder = Path(folder)
-    files = _weight_files(folder)
-    if not files:
-        raise FileNotFoundError(f"{folder}: no *.safetensors files")
-    weights: dict[str, mx.array] = {}
-    for file in files:
-        if not file.is_file():
-            raise FileNotFoundError(
-                f"{folder}: shard {file.name} listed in {INDEX_NAME} is missing"
-            )
-        for key, value in mx.load(str(file)).items():
-            if key in weights:
-                raise ValueError(f"{folder}: tensor {key!r} appears in more than one shard")
-            weights[key] = value
-    index = folder / INDEX_NAME
-    if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            missing = set(json.load(f)["weight_map"]) - set(weights)
-        if missing:
-            raise ValueError(
-                f"{folder}: tensors listed in {INDEX_NAME} not found: {sorted(missing)[:5]}"
-            )
-    return weights
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = folder = Path(folder)
+        files = _weight_files(folder)
+        if not files:
+            raise FileNotFoundError(f"{folder}: no *.safetensors files")
+        self._file_of: dict[str, str] = {}
+        self._unread: dict[str, dict[str, mx.array]] = {}  # per file: lazy arrays not handed out
+        for file in files:
+            if not file.is_file():
+                raise FileNotFoundError(
+                    f"{folder}: shard {file.name} listed in {INDEX_NAME} is missing"
+                )
+            arrays = self._unread[str(file)] = mx.load(str(file))
+            for key in arrays:
+                if key in self._file_of:
+                    raise ValueError(f"{folder}: tensor {key!r} appears in more than one shard")
+                self._file_of[key] = str(file)
+        index = folder / INDEX_NAME
+        if index.is_file():
+            with open(index, encoding="utf-8") as f:
+                missing = set(json.load(f)["weight_map"]) - set(self._file_of)
+            if missing:
+                raise ValueError(
+                    f"{folder}: tensors listed in {INDEX_NAME} not found: {sorted(missing)[:5]}"
+                )
+
+    @property
+    def names(self) -> list[str]:
+        """Every tensor name, shard by shard in file order."""
+        return list(self._file_of)
+
+    def tensor(self, name: str) -> mx.array:
+        """One tensor, as stored (lazy until evaluated)."""
+        file = self._file_of[name]
+        unread = self._unread[file]
+        if name not in unread:  # handed out before: a fresh lazy array from the file
+            unread = self._unread[file] = mx.load(file)
+        return unread.pop(name)
+
+
+def read_hf_weights(folder: str | Path) -> dict[str, mx.array]:
+    """All tensors of a folder's safetensors: every tensor of :class:`SafetensorsFolder`.
+
+    Uses ``mx.load`` so bfloat16 checkpoints load without a torch dependency.
+    """
+    source = SafetensorsFolder(folder)
+    return {name: source.tensor(name) for name in source.names}
 
 
 def _chat_template(folder: Path) -> str | None:

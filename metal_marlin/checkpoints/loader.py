@@ -10,19 +10,21 @@ token ids, context length, and how the weights are quantized.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..assets import builtin_model_path
 from ..models.layers import quantize_model_layers
 from ..models.llama import LlamaConfig, LlamaModel
 from .autoawq import autoawq_quantization, awq_to_native_weights
-from .gguf_reader import read_gguf
-from .hf import read_hf_config, read_hf_metadata, read_hf_weights
+from .gguf_reader import GGUFCheckpoint, read_gguf
+from .hf import SafetensorsFolder, read_hf_config, read_hf_metadata, read_hf_weights
 
 
 class LoadedModel(NamedTuple):
@@ -35,6 +37,12 @@ class LoadedModel(NamedTuple):
 
 def _is_floating(a: mx.array) -> bool:
     return mx.issubdtype(a.dtype, mx.floating)
+
+
+def _model_tensors(weights: Mapping[str, mx.array | np.ndarray], dtype: mx.Dtype) -> dict[str, mx.array]:
+    """MLX arrays, floating ones cast to ``dtype``; packed uint32 weights and int indices kept."""
+    tensors = {k: v if isinstance(v, mx.array) else mx.array(v) for k, v in weights.items()}
+    return {k: v.astype(dtype) if _is_floating(v) and v.dtype != dtype else v for k, v in tensors.items()}
 
 
 def build_model(
@@ -52,16 +60,9 @@ def build_model(
     provided and every tensor used, so a wrong checkpoint fails here, not at inference.
     """
     model = LlamaModel(config)
-    tensors = {
-        k: v if isinstance(v, mx.array) else mx.array(v)
-        for k, v in model.sanitize(weights).items()
-    }
+    tensors = _model_tensors(model.sanitize(weights), dtype)
     if quantization is not None or any(k.endswith(".scales") for k in tensors):
         quantize_model_layers(model, dict(quantization or {}), tensors)
-    tensors = {
-        k: v.astype(dtype) if _is_floating(v) and v.dtype != dtype else v
-        for k, v in tensors.items()
-    }
     model.load_weights(list(tensors.items()), strict=True)
     mx.eval(model.parameters())
     return model
@@ -95,14 +96,19 @@ def load_hf_folder(folder: str | Path, dtype: mx.Dtype = mx.float32) -> LoadedMo
     if awq is not None:
         weights, quant = awq_to_native_weights(weights, awq, str(folder))
     model = build_model(config, weights, quantization=quant, dtype=dtype)
-    metadata = {
+    return LoadedModel(model, config, _hf_metadata(folder, raw, quant, weights))
+
+
+def _hf_metadata(
+    folder: Path, raw: Mapping[str, Any], quant: Mapping[str, Any] | None, names: Any
+) -> dict[str, Any]:
+    return {
         "source": str(folder),
         "format": "hf",
         "quantization": quant,
-        "salient_layers": sum(k.endswith(".salient_indices") for k in weights),
+        "salient_layers": sum(k.endswith(".salient_indices") for k in names),
         **read_hf_metadata(folder, raw),
     }
-    return LoadedModel(model, config, metadata)
 
 
 def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
@@ -129,15 +135,105 @@ def load_model(path: str | Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
     ``tokenizer.ggml.*`` fields), HF adds ``salient_layers``.
     """
     path = Path(path)
-    if path.is_dir():
+    if _is_folder(path):
         return load_hf_folder(path, dtype)
+    return load_gguf(path, dtype)
+
+
+def _is_folder(path: Path) -> bool:
+    """True for a model folder, False for a GGUF file; errors for anything else."""
+    if path.is_dir():
+        return True
     if not path.exists():
         raise FileNotFoundError(f"no model at {path}")
     if _looks_like_gguf(path):
-        return load_gguf(path, dtype)
+        return False
     raise ValueError(f"{path}: expected a .gguf file or a folder with config.json")
 
 
 def load_builtin_model(dtype: mx.Dtype = mx.float32) -> LoadedModel:
     """The built-in SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)."""
     return load_model(builtin_model_path(), dtype)
+
+
+# ------------------------------------------------------------------ one block at a time
+
+
+class TensorSource(Protocol):
+    """Tensors of a checkpoint by HF name, read one at a time."""
+
+    @property
+    def names(self) -> list[str]: ...
+
+    def tensor(self, name: str) -> mx.array | np.ndarray: ...
+
+
+class LazyCheckpoint(NamedTuple):
+    """A float checkpoint opened without reading its tensors (see ``open_checkpoint``)."""
+
+    config: LlamaConfig
+    metadata: dict[str, Any]
+    tensors: TensorSource
+
+
+def open_checkpoint(path: str | Path | None = None) -> LazyCheckpoint:
+    """Open a float ``.gguf`` file or Hugging Face folder (None: the built-in model) lazily.
+
+    Config and metadata are ``load_model``'s; each tensor is read (a GGUF tensor
+    dequantized) only when ``tensors.tensor(name)`` asks for it. Quantized folders are
+    refused: this is the input of quantization.
+    """
+    path = builtin_model_path() if path is None else Path(path)
+    if not _is_folder(path):
+        gguf_file = GGUFCheckpoint(path)
+        return LazyCheckpoint(gguf_file.config, gguf_file.metadata, gguf_file)
+    raw = read_hf_config(path)
+    config = LlamaConfig.from_hf_dict(raw)
+    if autoawq_quantization(raw) is not None or _quantization(raw) is not None:
+        raise ValueError(f"{path} is already quantized; quantize a float (fp32/fp16/bf16) checkpoint")
+    source = SafetensorsFolder(path)
+    return LazyCheckpoint(config, _hf_metadata(path, raw, None, source.names), source)
+
+
+_BLOCK_NAME = re.compile(r"model\.layers\.(\d+)\.")
+
+
+def build_model_lazily(
+    checkpoint: LazyCheckpoint, dtype: mx.Dtype = mx.float32
+) -> tuple[LlamaModel, Callable[[int], None]]:
+    """``(model, load_block)``: the model with every tensor outside the decoder blocks
+    loaded (embedding, final norm, untied ``lm_head``), and a function that loads block
+    ``i`` from the checkpoint.
+
+    Until then a block holds its constructor's arrays, which MLX never evaluates, so they
+    take no memory. Tensor names go through ``model.sanitize`` and must match the model's
+    parameters exactly, as in ``build_model``; shapes are checked as each part loads.
+    """
+    model = LlamaModel(checkpoint.config)
+    names = list(model.sanitize(dict.fromkeys(checkpoint.tensors.names)))
+    expected = {k for k, _ in tree_flatten(model.parameters())}
+    if extra := sorted(set(names) - expected):
+        raise ValueError(f"Received {len(extra)} parameters not in model: \n" + ",\n".join(extra))
+    if missing := sorted(expected - set(names)):
+        raise ValueError(f"Missing {len(missing)} parameters: \n" + ",\n".join(missing))
+    blocks: dict[int, list[str]] = {}
+    for name in names:
+        match = _BLOCK_NAME.match(name)
+        if match:
+            blocks.setdefault(int(match.group(1)), []).append(name)
+
+    def load(module: Any, prefix: str, part: list[str]) -> None:
+        tensors = _model_tensors({n[len(prefix):]: checkpoint.tensors.tensor(n) for n in part}, dtype)
+        current = dict(tree_flatten(module.parameters()))
+        for key, value in tensors.items():
+            if value.shape != current[key].shape:
+                raise ValueError(f"Expected shape {current[key].shape} but received shape {value.shape} for parameter {prefix}{key}")
+        module.load_weights(list(tensors.items()), strict=False)
+        mx.eval(list(tensors.values()))
+
+    load(model, "", [n for n in names if not _BLOCK_NAME.match(n)])
+
+    def load_block(index: int) -> None:
+        load(model.model.layers[index], f"model.layers.{index}.", blocks[index])
+
+    return model, load_block
