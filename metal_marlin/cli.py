@@ -157,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default=None, help="default: $MM_DATA_DIR or ./data")
+    serve.add_argument("--model", dest="served_models", action="append", default=None, metavar="NAME=PATH",
+                       help="also serve a local .gguf file, HF/MLX folder, quantized or AutoAWQ GEMM folder under NAME "
+                       "(repeatable; replaces $MM_SERVED_MODELS, which holds NAME=PATH entries separated by os.pathsep)")
     serve.set_defaults(func=run_serve)
 
     worker = sub.add_parser("worker", help="run a worker process on its own")
@@ -174,7 +177,7 @@ def run_serve(args: argparse.Namespace) -> int:
     # The service layer is imported lazily: the library never depends on it.
     from service.main import serve
 
-    serve(host=args.host, port=args.port, data_dir=args.data_dir)
+    serve(host=args.host, port=args.port, data_dir=args.data_dir, served_models=args.served_models)
     return 0
 
 

@@ -30,11 +30,14 @@ log = logging.getLogger("metal_marlin.service")
 DESCRIPTION = """\
 OpenAI-compatible completions served from AWQ-quantized models, and a quantization jobs API.
 
-- `/v1/completions`, `/v1/chat/completions`, `/v1/models`: OpenAI shapes (SSE streaming).
+- `/v1/completions`, `/v1/chat/completions`, `/v1/models`: OpenAI shapes (SSE streaming). Models: the
+  built-in one, those the operator registered (`metal-marlin serve --model NAME=PATH`), and every
+  succeeded job's result under its job id.
 - `/v1/files`: upload a `.gguf` model or calibration data (text or `activations.npz`).
 - `/v1/quantization/jobs`: submit AWQ quantization of the built-in model, an uploaded model or
   a model under the server's model roots; follow its events (also live, as SSE); download the
-  result; serve it under its job id.
+  result (native MLX layout, or with `export_format: "autoawq"` also AutoAWQ GEMM); serve it under
+  its job id.
 - Errors are always `{"error": {"message", "type", "param", "code"}}`.
 - `/v1` routes need `Authorization: Bearer <key>` when the server has an API key.
 """

@@ -4,6 +4,8 @@
 ``MM_DATA_DIR``          data directory (``./data``): ``jobs.sqlite3``, ``jobs/<id>/``, ``files/<id>``
 ``MM_API_KEY``           bearer key required on ``/v1`` routes (unset: no auth)
 ``MM_MODEL_ROOTS``       folders jobs may read models/calibration files from (``os.pathsep``)
+``MM_SERVED_MODELS``     local models to serve by name: ``NAME=PATH`` entries (``os.pathsep``);
+                         ``--model NAME=PATH`` replaces them (see :mod:`worker.served`)
 ``MM_MAX_BODY_BYTES``    largest request body (1 MiB), except uploads
 ``MM_MAX_UPLOAD_BYTES``  largest file upload, ``POST /v1/files`` (4 GiB)
 ``MM_MAX_QUEUED_JOBS``   queued jobs beyond which submissions get 429 (16)
@@ -29,6 +31,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from worker.served import parse_served_models
 from worker.sources import parse_roots
 
 MAX_UDS_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
@@ -79,6 +82,7 @@ class Settings:
     data_dir: Path = Path("data")
     api_key: str | None = None
     model_roots: str = ""
+    served_models: Any = field(default_factory=dict)  # NAME=PATH entries; {name: Path} after init
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 4 << 30
     max_queued_jobs: int = 16
@@ -95,6 +99,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)
+        self.served_models = parse_served_models(self.served_models)
         if self.api_key == "":
             self.api_key = None
         if self.worker_socket is None and self.worker_url is None:
@@ -122,6 +127,7 @@ class Settings:
             "data_dir": Path(os.environ.get("MM_DATA_DIR", "").strip() or "data"),
             "api_key": os.environ.get("MM_API_KEY") or None,
             "model_roots": os.environ.get("MM_MODEL_ROOTS", ""),
+            "served_models": os.environ.get("MM_SERVED_MODELS", ""),
             "max_body_bytes": _env_int("MM_MAX_BODY_BYTES", 1 << 20),
             "max_upload_bytes": _env_int("MM_MAX_UPLOAD_BYTES", 4 << 30),
             "max_queued_jobs": _env_int("MM_MAX_QUEUED_JOBS", 16),

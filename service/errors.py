@@ -94,7 +94,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         409: "Conflict with the resource's state",
         413: "Request body too large",
         415: "Unsupported Content-Type",
-        422: "Idempotency-Key reused with a different body",
+        422: "Idempotency-Key reused with a different body, or settings the export format cannot hold",
         429: "Too many queued jobs or requests in flight",
         503: "The worker is not ready",
     }

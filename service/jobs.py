@@ -11,6 +11,10 @@ Sources: the built-in model and Wikipedia text, uploaded files (``{"source": "fi
 ``GET .../{id}/events`` lists events, or with ``?stream=true`` (or ``Accept:
 text/event-stream``) follows them live as Server-Sent Events until the job ends.
 
+``export_format: "autoawq"`` also writes an AutoAWQ GEMM export of the result (downloaded with
+``GET .../{id}/result?format=autoawq``); such a job needs ``bits: 4`` and ``salient_ratio: 0``
+(AutoAWQ has no fp16 side channels) and is refused with 422 naming the parameter otherwise.
+
 ``Idempotency-Key``: the same key with the same body returns the original job (header
 ``Idempotent-Replayed: true``); the same key with a different body is refused with 422.
 """
@@ -34,6 +38,7 @@ from service.errors import APIError, error_responses, sse_error
 from service.openai_api import SSE_HEADERS
 from service.schemas import (
     DeletedJob,
+    ExportFormat,
     QuantizationJob,
     QuantizationJobCreate,
     QuantizationJobEvent,
@@ -52,7 +57,7 @@ from worker.jobstore import (
     is_job_id,
     parse_event_id,
 )
-from worker.runner import jobs_dir, remove_tree, result_dir
+from worker.runner import format_dir, jobs_dir, remove_tree, result_dir
 from worker.sources import SourceError, check_quantizable, model_widths, resolve_file_source, resolve_under_roots
 
 log = logging.getLogger("metal_marlin.service.jobs")
@@ -87,7 +92,7 @@ def job_to_api(job: Job) -> QuantizationJob:
     model = spec["model"]
     calibration = spec.get("calibration") or {"source": "builtin"}
     succeeded = job.status == "succeeded"
-    result = job.result or {}
+    result = (job.result or {}) if succeeded else {}
     return QuantizationJob(
         id=job.id,
         created_at=int(job.created_at),
@@ -102,13 +107,37 @@ def job_to_api(job: Job) -> QuantizationJob:
         cancel_requested=job.cancel_requested and not succeeded,
         error=job.error if job.status == "failed" else None,
         result_model=job.id if succeeded else None,
-        result_files=result.get("files", []) if succeeded else [],
+        export_format=spec.get("export_format", "mlx"),
+        result_formats=_result_formats(job),
+        result_files=result.get("files", []),
+        autoawq_result_files=result.get("autoawq_files", []),
         stats=result.get("stats") if succeeded else None,
     )
 
 
+def _result_formats(job: Job) -> list[str]:
+    """Formats of a succeeded job's result (jobs from before exports hold ``mlx`` only)."""
+    if job.status != "succeeded":
+        return []
+    return list((job.result or {}).get("formats", ["mlx"]))
+
+
+def check_export_format(body: QuantizationJobCreate) -> None:
+    """AutoAWQ GEMM holds 4-bit weights with integer zero points and nothing else: 422 otherwise."""
+    if body.export_format != "autoawq":
+        return
+    if body.bits != 4:
+        raise APIError(422, f"export_format 'autoawq' needs bits 4 (AutoAWQ GEMM is 4-bit only), got {body.bits}", param="bits", code="unsupported_export_format")
+    if body.salient_ratio != 0:
+        raise APIError(
+            422, f"export_format 'autoawq' needs salient_ratio 0 (AutoAWQ cannot hold fp16 salient channels), got {body.salient_ratio}",
+            param="salient_ratio", code="unsupported_export_format",
+        )
+
+
 def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, Any]:
     """The stored job spec: sources resolved under the roots, hyperparameters complete."""
+    check_export_format(body)
     roots = state.settings.roots
     data_dir = state.settings.data_dir
     try:
@@ -168,6 +197,7 @@ def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, An
             "n_grid": body.n_grid,
             "duo_scaling": body.duo_scaling,
         },
+        "export_format": body.export_format,
     }
 
 
@@ -358,8 +388,9 @@ async def list_events(
     "/{job_id}/result",
     summary="Download a succeeded job's model",
     description="`model.safetensors` by default; `file` picks another file of the result "
-    "(`config.json`, `quant_stats.json`, tokenizer files; see the job's `result_files`). "
-    "409 until the job has succeeded.",
+    "(`config.json`, `quant_stats.json`, tokenizer files; see the job's `result_files`). `format=autoawq` "
+    "downloads from the AutoAWQ GEMM export instead (see `autoawq_result_files`); 409 if the job was not "
+    "exported that way (see its `result_formats`). 409 until the job has succeeded.",
     response_class=StreamingResponse,
     responses={
         200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "description": "The file"},
@@ -369,19 +400,24 @@ async def list_events(
 def get_result(
     job_id: JobId,
     request: Request,
-    file: Annotated[str, Query(max_length=255, description="A file name from result_files")] = "model.safetensors",
+    file: Annotated[str, Query(max_length=255, description="A file name from result_files (or autoawq_result_files)")] = "model.safetensors",
+    format: Annotated[ExportFormat, Query(description="`mlx`: the native result; `autoawq`: its AutoAWQ GEMM export")] = "mlx",
 ) -> StreamingResponse:
     state = get_state(request)
     job = _job_or_404(state, job_id)
     if job.status != "succeeded":
         raise APIError(409, f"job {job_id} is {job.status}; its result is available once it has succeeded", code="job_not_succeeded")
-    names = {f["filename"] for f in (job.result or {}).get("files", [])}
+    if format not in _result_formats(job):
+        raise APIError(409, f"job {job_id} was not exported as {format!r} (submit it with export_format {format!r})", param="format", code="format_not_available")
+    listed = (job.result or {}).get("files" if format == "mlx" else f"{format}_files", [])
+    names = {f["filename"] for f in listed}
     if file not in names:
-        raise APIError(400, f"the result has no file {file!r}; available: {sorted(names)}", param="file", code="invalid_file")
+        raise APIError(400, f"the {format} result has no file {file!r}; available: {sorted(names)}", param="file", code="invalid_file")
+    name = file if format == "mlx" else f"{format}-{file}"
     return file_download(
-        result_dir(state.settings.data_dir, job_id) / file,
-        download_name=f"{job_id}-{file}",
-        ascii_name=f"{job_id}-{file}",
+        format_dir(result_dir(state.settings.data_dir, job_id), format) / file,
+        download_name=f"{job_id}-{name}",
+        ascii_name=f"{job_id}-{name}",
         media_type="application/json" if file.endswith(".json") else "application/octet-stream",
         missing=APIError(404, f"the result of job {job_id} is gone", code="result_not_found"),
     )

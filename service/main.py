@@ -6,6 +6,7 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 
 import uvicorn
 
@@ -20,6 +21,7 @@ def serve(
     api_key: str | None = None,
     *,
     model_roots: str | None = None,
+    served_models: Sequence[str] | None = None,
     worker_url: str | None = None,
     worker_memory_mb: int | None = None,
     run_jobs: bool | None = None,
@@ -28,8 +30,11 @@ def serve(
     """Serve the API with uvicorn until SIGINT/SIGTERM; starts and supervises the worker.
 
     Arguments left as None come from the environment (``MM_DATA_DIR``, ``MM_API_KEY``,
-    ``MM_MODEL_ROOTS``, ``MM_WORKER_URL``, ``MM_WORKER_MEMORY_MB``, ``MM_WORKER_JOBS``; see
-    :mod:`service.config`). ``worker_url`` attaches to an already running worker instead.
+    ``MM_MODEL_ROOTS``, ``MM_SERVED_MODELS``, ``MM_WORKER_URL``, ``MM_WORKER_MEMORY_MB``,
+    ``MM_WORKER_JOBS``; see :mod:`service.config`). ``served_models``: ``NAME=PATH`` entries
+    (see :mod:`worker.served`); a bad name or a missing path raises ValueError before anything
+    starts. ``worker_url`` attaches to an already running worker instead (give that worker the
+    same served models).
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s service[%(process)d] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per worker call is noise
@@ -37,6 +42,7 @@ def serve(
         data_dir=data_dir,
         api_key=api_key,
         model_roots=model_roots,
+        served_models=served_models,
         worker_url=worker_url,
         worker_memory_mb=worker_memory_mb,
         worker_jobs=run_jobs,
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-dir", default=None, help="default: MM_DATA_DIR or ./data")
     parser.add_argument("--api-key", default=None, help="default: MM_API_KEY (unset: no auth)")
     parser.add_argument("--model-roots", default=None, help="default: MM_MODEL_ROOTS")
+    parser.add_argument("--model", dest="served_models", action="append", default=None, metavar="NAME=PATH",
+                        help="serve a local .gguf file or model folder as NAME (repeatable; default: MM_SERVED_MODELS)")
     parser.add_argument("--worker-url", default=None, help="use a running worker (unix:/path or http://127.0.0.1:port)")
     parser.add_argument("--worker-memory-mb", type=int, default=None)
     parser.add_argument("--no-jobs", action="store_true", help="the worker serves generation only")
@@ -60,10 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve(
             args.host, args.port, args.data_dir, args.api_key,
-            model_roots=args.model_roots, worker_url=args.worker_url, worker_memory_mb=args.worker_memory_mb,
+            model_roots=args.model_roots, served_models=args.served_models, worker_url=args.worker_url, worker_memory_mb=args.worker_memory_mb,
             run_jobs=False if args.no_jobs else None, log_level=args.log_level,
         )
-    except ValueError as exc:  # bad MM_* settings
+    except ValueError as exc:  # bad MM_* settings or --model entries
         print(f"service: error: {exc}", file=sys.stderr)
         return 2
     return 0

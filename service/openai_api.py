@@ -35,7 +35,7 @@ from service.schemas import (
     SamplingFields,
 )
 from service.state import ServiceState, get_state
-from worker.jobstore import is_job_id
+from worker.jobstore import Job, is_job_id
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 
@@ -47,19 +47,45 @@ STREAM_RESPONSE = {"text/event-stream": {"schema": {"type": "string"}, "example"
 # ---------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------
-def _builtin_card() -> ModelCard:
+def _file_card(model_id: str, locate: Callable[[], Any]) -> ModelCard:
+    """A model card dated by its file's mtime (0 when the file is not there)."""
     try:
-        created = int(builtin_model_path().stat().st_mtime)
+        created = int(locate().stat().st_mtime)
     except OSError:
         created = 0
-    return ModelCard(id=BUILTIN_MODEL_NAME, created=created, owned_by=OWNER)
+    return ModelCard(id=model_id, created=created, owned_by=OWNER)
+
+
+def _builtin_card() -> ModelCard:
+    return _file_card(BUILTIN_MODEL_NAME, builtin_model_path)
+
+
+def _served_card(name: str, path: Any) -> ModelCard:
+    return _file_card(name, lambda: path)
+
+
+def _job_card(job: Job) -> ModelCard:
+    return ModelCard(id=job.id, created=int(job.finished_at or job.created_at), owned_by=OWNER)
 
 
 def _known_models(state: ServiceState) -> list[ModelCard]:
+    """The built-in model, the operator's served models (``--model``), then succeeded jobs."""
     cards = [_builtin_card()]
-    for job in state.store.succeeded_jobs():
-        cards.append(ModelCard(id=job.id, created=int(job.finished_at or job.created_at), owned_by=OWNER))
+    cards += [_served_card(name, path) for name, path in state.settings.served_models.items()]
+    cards += [_job_card(job) for job in state.store.succeeded_jobs()]
     return cards
+
+
+def _model_card(state: ServiceState, model_id: str) -> ModelCard:
+    """The card of a model requests may name; 404 (param ``model``) for any other id."""
+    if model_id == BUILTIN_MODEL_NAME:
+        return _builtin_card()
+    if model_id in state.settings.served_models:
+        return _served_card(model_id, state.settings.served_models[model_id])
+    job = state.store.get(model_id) if is_job_id(model_id) else None
+    if job is None or job.status != "succeeded":
+        raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+    return _job_card(job)
 
 
 @router.get("/models", response_model=ModelList, summary="List models", responses=error_responses(401))
@@ -69,21 +95,7 @@ def list_models(request: Request) -> ModelList:
 
 @router.get("/models/{model_id}", response_model=ModelCard, summary="Get a model", responses=error_responses(401, 404))
 def get_model(request: Request, model_id: str = Path(max_length=256)) -> ModelCard:
-    state = get_state(request)
-    if model_id == BUILTIN_MODEL_NAME:
-        return _builtin_card()
-    job = state.store.get(model_id) if is_job_id(model_id) else None
-    if job is None or job.status != "succeeded":
-        raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
-    return ModelCard(id=job.id, created=int(job.finished_at or job.created_at), owned_by=OWNER)
-
-
-def _check_model(state: ServiceState, model: str) -> None:
-    if model == BUILTIN_MODEL_NAME:
-        return
-    job = state.store.get(model) if is_job_id(model) else None
-    if job is None or job.status != "succeeded":
-        raise APIError(404, f"the model {model!r} does not exist", param="model", code="model_not_found")
+    return _model_card(get_state(request), model_id)
 
 
 # ---------------------------------------------------------------------------------------
@@ -317,7 +329,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         prompts = [prompt]
     n = body.n or 1
     _check_prompt_count(state, len(prompts) * n)
-    await run_in_threadpool(_check_model, state, body.model)
+    await run_in_threadpool(_model_card, state, body.model)
     _admit(state, "completions")
 
     payloads = []
@@ -405,7 +417,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         raise APIError(400, "top_logprobs requires logprobs: true", param="top_logprobs", code="invalid_value")
     n = body.n or 1
     _check_prompt_count(state, n)
-    await run_in_threadpool(_check_model, state, body.model)
+    await run_in_threadpool(_model_card, state, body.model)
     _admit(state, "chat.completions")
 
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from worker.jobstore import FILE_PURPOSES, JOB_STATUSES
+from worker.runner import EXPORT_FORMATS
 
 # ---------------------------------------------------------------------------------------
 # Quantization jobs
@@ -79,6 +80,10 @@ CalibrationSource = Annotated[
 ]
 
 
+ExportFormat = Literal["mlx", "autoawq"]
+assert set(ExportFormat.__args__) == set(EXPORT_FORMATS)  # type: ignore[attr-defined]
+
+
 class QuantizationJobCreate(BaseModel):
     """``POST /v1/quantization/jobs``."""
 
@@ -92,12 +97,26 @@ class QuantizationJobCreate(BaseModel):
         description="Quantization group size. Default: the largest of 128, 64, 32 that divides every "
         "linear layer's input width (64 for the built-in model).",
     )
-    salient_ratio: float = Field(0.01, ge=0.0, lt=0.5, description="Fraction of input channels kept in fp16.")
+    salient_ratio: float = Field(
+        0.01, ge=0.0, lt=0.5,
+        description="Fraction of input channels kept in fp16. Default 0.01, or 0 with export_format `autoawq` (which requires 0).",
+    )
     activation_method: Literal["mean", "max", "rms"] = "rms"
     n_samples: int = Field(128, ge=1, le=1024, description="Calibration sequences.")
     seq_len: int = Field(512, ge=8, le=4096, description="Tokens per calibration sequence.")
     n_grid: int = Field(20, ge=1, le=100, description="Grid points of the scale search.")
     duo_scaling: bool = False
+    export_format: ExportFormat = Field(
+        "mlx",
+        description="`mlx`: the native MLX-layout result. `autoawq`: also an AutoAWQ GEMM export of it, downloaded with "
+        "`GET .../result?format=autoawq`; needs bits 4 and salient_ratio 0 (AutoAWQ has no fp16 side channels), else 422.",
+    )
+
+    @model_validator(mode="after")
+    def _autoawq_defaults_to_no_salient_channels(self) -> QuantizationJobCreate:
+        if self.export_format == "autoawq" and "salient_ratio" not in self.model_fields_set:
+            self.salient_ratio = 0.0
+        return self
 
 
 class Hyperparameters(BaseModel):
@@ -149,7 +168,10 @@ class QuantizationJob(BaseModel):
     cancel_requested: bool
     error: JobError | None
     result_model: str | None = Field(description="Model id to use for completions once the job succeeded.")
-    result_files: list[ResultFile]
+    export_format: ExportFormat = Field(description="The export format the job was submitted with.")
+    result_formats: list[ExportFormat] = Field(description="Formats `GET .../result?format=` can download (empty until the job succeeded).")
+    result_files: list[ResultFile] = Field(description="Files of the native (`mlx`) result.")
+    autoawq_result_files: list[ResultFile] = Field(description="Files of the AutoAWQ GEMM export (`format=autoawq`), if any.")
     stats: dict[str, Any] | None
 
 

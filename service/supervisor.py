@@ -30,6 +30,8 @@ from service.config import Settings
 from worker.jobstore import JobStore
 from worker.proc import describe_exit
 from worker.protocol import WORKER_TOKEN_HEADER
+from worker.served import ENV_VAR as SERVED_MODELS_VAR
+from worker.served import served_model_args
 
 log = logging.getLogger("metal_marlin.service.supervisor")
 
@@ -111,6 +113,7 @@ class WorkerSupervisor:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
         env["MM_WORKER_TOKEN"] = s.worker_token
+        env.pop(SERVED_MODELS_VAR, None)  # the served models come as --model arguments
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
@@ -127,6 +130,7 @@ class WorkerSupervisor:
         ]
         if s.model_roots:
             cmd += ["--model-roots", s.model_roots]
+        cmd += served_model_args(s.served_models)
         if not s.worker_jobs:
             cmd.append("--no-jobs")
         # Popen from the event loop thread: the worker's PR_SET_PDEATHSIG follows this thread.

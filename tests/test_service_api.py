@@ -248,3 +248,128 @@ def test_service_does_not_import_mlx() -> None:
         "assert not bad, bad\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+# ---------------------------------------------------------------------------------------
+# Served models (--model NAME=PATH) and AutoAWQ export jobs
+# ---------------------------------------------------------------------------------------
+def test_served_model_entries_are_parsed_and_validated(tmp_path: Path, model_root: Path, monkeypatch, capsys) -> None:
+    import os
+
+    from metal_marlin import cli
+    from service import main as service_main
+    from worker.served import parse_served_models
+
+    folder = model_root / "tiny"
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF\x03\x00\x00\x00")
+    assert parse_served_models([f"mine={folder}", f"m.q4_v1={gguf}"]) == {"mine": folder, "m.q4_v1": gguf}
+    assert parse_served_models(f"a={folder}{os.pathsep}{os.pathsep}b={gguf}") == {"a": folder, "b": gguf}  # MM_SERVED_MODELS form
+    odd = tmp_path / "x=y"  # split at the first '='
+    odd.mkdir()
+    (odd / "config.json").write_text("{}")
+    assert parse_served_models([f"eq={odd}"]) == {"eq": odd}
+    assert parse_served_models(None) == {} and parse_served_models("") == {}
+    bad = {
+        "noequals": "must be NAME=PATH",
+        f"={folder}": "must be NAME=PATH",
+        f"has space={folder}": "is invalid",
+        f"-dash={folder}": "is invalid",
+        f"{'x' * 65}={folder}": "is invalid",
+        f"a/b={folder}": "is invalid",
+        f"smollm2-135m-instruct={folder}": "built-in model",
+        f"qjob-0123={folder}": "must not start with 'qjob-'",
+        f"QJOB-x={folder}": "must not start with 'qjob-'",
+        f"gone={tmp_path / 'missing'}": "does not exist",
+        f"noconfig={tmp_path}": "has no config.json",
+        f"text={model_root / 'calib.txt'}": "neither a .gguf file nor a model folder",
+    }
+    for entry, message in bad.items():
+        with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+            parse_served_models([entry])
+    with pytest.raises(ValueError, match="given twice"):
+        parse_served_models([f"a={folder}", f"a={gguf}"])
+    assert parse_served_models([f"gone={tmp_path / 'missing'}"], check_paths=False) == {"gone": tmp_path / "missing"}
+
+    # Settings: MM_SERVED_MODELS, replaced by explicit entries (--model)
+    monkeypatch.setenv("MM_SERVED_MODELS", f"env={folder}")
+    assert list(Settings.from_env(data_dir=tmp_path / "d").served_models) == ["env"]
+    assert list(Settings.from_env(data_dir=tmp_path / "d", served_models=[f"cli={gguf}"]).served_models) == ["cli"]
+    monkeypatch.delenv("MM_SERVED_MODELS")
+
+    # the command lines refuse a bad entry with one line and status 2, before starting anything
+    assert cli.main(["serve", "--data-dir", str(tmp_path / "d"), "--model", f"gone={tmp_path / 'missing'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("metal-marlin: error: served model 'gone':") and err.count("\n") == 1, err
+    assert service_main.main(["--data-dir", str(tmp_path / "d"), "--model", f"smollm2-135m-instruct={folder}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("service: error: served model name") and err.count("\n") == 1, err
+
+
+def test_served_models_are_listed_and_requestable(tmp_path: Path, model_root: Path) -> None:
+    settings = Settings(data_dir=tmp_path / "data", api_key=KEY, served_models=[f"tiny-local={model_root / 'tiny'}"])
+    with TestClient(create_app(settings, start_worker=False)) as c:
+        ids = [m["id"] for m in c.get("/v1/models", headers=AUTH).json()["data"]]
+        assert ids == ["smollm2-135m-instruct", "tiny-local"]
+        card = c.get("/v1/models/tiny-local", headers=AUTH).json()
+        assert card["object"] == "model" and card["created"] > 0 and str(model_root) not in json.dumps(card)
+        # known: gets as far as the (absent) worker; unknown names and paths are 404
+        assert_error(c.post("/v1/completions", headers=AUTH, json={"model": "tiny-local", "prompt": "x"}), 503, "worker_unavailable")
+        for name in ("other", str(model_root / "tiny"), "tiny"):
+            assert_error(c.post("/v1/completions", headers=AUTH, json={"model": name, "prompt": "x"}), 404, "model_not_found", "model")
+            assert_error(c.get(f"/v1/models/{name}", headers=AUTH), 404)
+
+
+def test_autoawq_export_format_is_validated_at_submission(client: TestClient) -> None:
+    err = assert_error(client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "export_format": "autoawq", "bits": 3}), 422, "unsupported_export_format", "bits")
+    assert err["type"] == "invalid_request_error" and "4" in err["message"]
+    assert_error(
+        client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "export_format": "autoawq", "salient_ratio": 0.01}),
+        422, "unsupported_export_format", "salient_ratio",
+    )
+    assert_error(client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "export_format": "gguf"}), 400, "invalid_value", "export_format")
+    ok = client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "export_format": "autoawq"})
+    assert ok.status_code == 200, ok.text
+    job = ok.json()  # salient_ratio defaults to 0 with autoawq
+    assert job["export_format"] == "autoawq" and job["hyperparameters"]["salient_ratio"] == 0.0
+    assert job["result_formats"] == [] and job["autoawq_result_files"] == []
+    plain = client.post("/v1/quantization/jobs", headers=AUTH, json=TINY).json()
+    assert plain["export_format"] == "mlx" and plain["hyperparameters"]["salient_ratio"] == 0.01
+
+
+def test_result_download_in_the_autoawq_format(client: TestClient, settings: Settings) -> None:
+    from worker.runner import result_summary
+
+    store = JobStore.in_data_dir(settings.data_dir)
+    ids = {}
+    for fmt in ("autoawq", "mlx"):
+        job = client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "export_format": fmt}).json()
+        claimed = store.claim("test-worker")
+        assert claimed.id == job["id"]
+        folder = settings.data_dir / "jobs" / claimed.id
+        (folder / "autoawq" if fmt == "autoawq" else folder).mkdir(parents=True)
+        (folder / "model.safetensors").write_bytes(b"native")
+        (folder / "config.json").write_text('{"quantization": {}}')
+        if fmt == "autoawq":
+            (folder / "autoawq" / "model.safetensors").write_bytes(b"autoawq!")
+            (folder / "autoawq" / "config.json").write_text('{"quantization_config": {}}')
+        store.finish(claimed.id, "test-worker", "succeeded", result=result_summary(folder), message="ok")
+        ids[fmt] = claimed.id
+
+    job = client.get(f"/v1/quantization/jobs/{ids['autoawq']}", headers=AUTH).json()
+    assert job["result_formats"] == ["mlx", "autoawq"]
+    assert [(f["filename"], f["bytes"]) for f in job["result_files"]] == [("config.json", 20), ("model.safetensors", 6)]
+    assert [(f["filename"], f["bytes"]) for f in job["autoawq_result_files"]] == [("config.json", 27), ("model.safetensors", 8)]
+    url = f"/v1/quantization/jobs/{ids['autoawq']}/result"
+    awq = client.get(url, headers=AUTH, params={"format": "autoawq"})
+    assert awq.content == b"autoawq!" and awq.headers["content-length"] == "8"
+    assert f'filename="{ids["autoawq"]}-autoawq-model.safetensors"' in awq.headers["content-disposition"]
+    assert client.get(url, headers=AUTH, params={"format": "autoawq", "file": "config.json"}).json() == {"quantization_config": {}}
+    assert client.get(url, headers=AUTH).content == b"native"  # format=mlx is the default
+    assert client.get(url, headers=AUTH, params={"format": "mlx"}).content == b"native"
+    assert_error(client.get(url, headers=AUTH, params={"format": "autoawq", "file": "quant_stats.json"}), 400, "invalid_file", "file")
+    assert_error(client.get(url, headers=AUTH, params={"format": "gguf"}), 400, param="format")
+
+    plain = client.get(f"/v1/quantization/jobs/{ids['mlx']}", headers=AUTH).json()
+    assert plain["result_formats"] == ["mlx"] and plain["autoawq_result_files"] == []
+    assert_error(client.get(f"/v1/quantization/jobs/{ids['mlx']}/result", headers=AUTH, params={"format": "autoawq"}), 409, "format_not_available", "format")

@@ -53,10 +53,11 @@ def _free_port() -> int:
 class Server:
     """``python -m service`` on a free loopback port; restartable on the same data dir."""
 
-    def __init__(self, data_dir: Path, roots: Path, log_path: Path) -> None:
+    def __init__(self, data_dir: Path, roots: Path, log_path: Path, extra_args: list[str] | None = None) -> None:
         self.data_dir = data_dir
         self.roots = roots
         self.log_path = log_path
+        self.extra_args = list(extra_args or [])
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
@@ -71,7 +72,7 @@ class Server:
             "MM_MAX_UPLOAD_BYTES": str(UPLOAD_LIMIT),
         })
         cmd = [sys.executable, "-m", "service", "--port", str(self.port), "--data-dir", str(self.data_dir),
-               "--api-key", KEY, "--model-roots", str(self.roots), "--log-level", "warning"]
+               "--api-key", KEY, "--model-roots", str(self.roots), "--log-level", "warning", *self.extra_args]
         if not jobs:
             cmd.append("--no-jobs")
         log = open(self.log_path, "ab")
@@ -565,3 +566,33 @@ def test_delete_job_removes_files_and_model(server: Server) -> None:
     gone = server.http.post("/v1/completions", json={"model": job_id, "prompt": "x", "max_tokens": 1})
     assert gone.status_code == 404 and gone.json()["error"]["code"] == "model_not_found"
     assert server.http.delete(f"/v1/quantization/jobs/{job_id}").status_code == 404
+
+
+# ---------------------------------------------------------------------------------------
+# Operator-registered models (--model NAME=PATH); its own server, without the shared job
+# ---------------------------------------------------------------------------------------
+def test_served_autoawq_folder_generates_like_the_native_folder(tmp_path_factory: pytest.TempPathFactory, quantized_dir: Path) -> None:
+    from metal_marlin.checkpoints.autoawq import export_autoawq
+
+    base = tmp_path_factory.mktemp("served")
+    awq = export_autoawq(quantized_dir, base / "smollm2-awq")
+    srv = Server(base / "data", base, base / "service.log", extra_args=["--model", f"native={quantized_dir}", "--model", f"awq={awq}"])
+    try:
+        srv.start(jobs=False)
+        ids = [m["id"] for m in srv.http.get("/v1/models").json()["data"]]
+        assert ids == [BUILTIN, "native", "awq"], ids
+        completion, chat = {}, {}
+        for name in ("native", "awq"):
+            resp = srv.http.post("/v1/completions", json={"model": name, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})
+            assert resp.status_code == 200, resp.text
+            completion[name] = resp.json()["choices"][0]["text"]
+            resp = srv.http.post("/v1/chat/completions", json={"model": name, "messages": [{"role": "user", "content": "Name a color."}], "max_tokens": 6, "temperature": 0})
+            assert resp.status_code == 200, resp.text
+            chat[name] = resp.json()["choices"][0]["message"]["content"]
+        assert completion["native"].strip() and completion["awq"] == completion["native"], completion
+        assert chat["native"].strip() and chat["awq"] == chat["native"], chat
+        resp = srv.http.post("/v1/completions", json={"model": str(awq), "prompt": "x", "max_tokens": 1})
+        assert resp.status_code == 404 and resp.json()["error"]["code"] == "model_not_found"  # paths are not model names
+    finally:
+        srv.stop()
+        srv.http.close()

@@ -105,3 +105,33 @@ def test_resolve_only_succeeded_jobs(tmp_path: Path) -> None:
     for bad in ("../etc", "qjob-zzz", "gpt-4"):
         with pytest.raises(ModelNotFound):
             reg.resolve(bad)
+
+
+def test_served_models_resolve_by_name_and_are_sized_by_kind(tmp_path: Path) -> None:
+    import json
+
+    from metal_marlin.generate.engine import dense_cpu_weights_default
+
+    def folder(name: str, config: dict) -> Path:
+        path = tmp_path / name
+        path.mkdir()
+        (path / "config.json").write_text(json.dumps(config))
+        (path / "model.safetensors").write_bytes(b"\0" * 1000)
+        return path
+
+    served = {
+        "float": folder("float", {"model_type": "llama"}),
+        "native": folder("native", {"quantization": {"group_size": 64, "bits": 4}}),
+        "awq": folder("awq", {"quantization_config": {"quant_method": "awq", "version": "gemm"}}),
+        "gguf": tmp_path / "m.gguf",
+    }
+    served["gguf"].write_bytes(b"GGUF" + b"\0" * 96)
+    reg = ModelRegistry(tmp_path / "data", JobStore.in_data_dir(tmp_path / "data"), 1 << 30, served=served)
+    for name, path in served.items():
+        assert reg.resolve(name) == path
+    with pytest.raises(ModelNotFound):
+        reg.resolve("not-registered")
+    quantized = 2000 + (8000 if dense_cpu_weights_default() else 0)  # + float32 copies of the int4 matrices
+    assert reg.estimate_bytes("float", served["float"]) == 2000  # float16 -> float32, no int4 copies
+    assert reg.estimate_bytes("native", served["native"]) == reg.estimate_bytes("awq", served["awq"]) == quantized
+    assert reg.estimate_bytes("gguf", served["gguf"]) == 700  # dequantized to float32

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.jobstore import JobStore
+from worker.jobstore import Job, JobStore
 from worker.main import WorkerLockError, _acquire_lock
 from worker.runner import JobRunner, cleanup_data_dir, result_dir
 
@@ -126,3 +126,60 @@ def test_uploaded_source_removed_before_the_run_fails_the_job(setup) -> None:
     failed = store.get(job.id)
     assert failed.status == "failed" and failed.error["code"] == "file_not_found", failed.error
     assert not result_dir(data, job.id).exists()
+
+
+def _tiny_model_folder(folder: Path, make_tiny) -> Path:
+    """A random 2-layer Llama (vocab 256) with a byte-level tokenizer: a whole job takes seconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from metal_marlin.checkpoints import save_hf_folder
+
+    cfg, weights = make_tiny(vocab_size=256)
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokenizer = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(alphabet)}, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return save_hf_folder(folder, weights, cfg, extra_files={"tokenizer.json": tokenizer.to_str()})
+
+
+def _run_autoawq_job(setup, make_tiny, **hyperparameters) -> Job:
+    """Run an ``export_format: "autoawq"`` job on a tiny model to its end."""
+    store, runner, _, root, _ = setup
+    folder = _tiny_model_folder(root / "tiny", make_tiny)
+    spec = {
+        "model": {"source": "path", "path": "tiny", "resolved": str(folder.resolve())},
+        "calibration": {"source": "builtin"},
+        "hyperparameters": {**HP, **hyperparameters},
+        "export_format": "autoawq",
+    }
+    job, _ = store.create_job(spec)
+    runner.start()
+    _wait(store, job.id, {"failed", "succeeded", "cancelled"}, timeout_s=120)
+    return store.get(job.id)
+
+
+def test_autoawq_job_publishes_the_native_result_and_its_autoawq_export(setup, make_tiny) -> None:
+    store, _, data, _, _ = setup
+    done = _run_autoawq_job(setup, make_tiny)
+    assert done.status == "succeeded", done.error
+    final = result_dir(data, done.id)
+    native, awq = final, final / "autoawq"
+    assert json.loads((native / "config.json").read_text())["quantization"] == {"group_size": 32, "bits": 4}
+    qcfg = json.loads((awq / "config.json").read_text())["quantization_config"]
+    assert qcfg["quant_method"] == "awq" and qcfg["version"] == "gemm" and qcfg["group_size"] == 32
+    assert done.result["formats"] == ["mlx", "autoawq"]
+    assert {f["filename"] for f in done.result["files"]} >= {"model.safetensors", "config.json", "tokenizer.json", "quant_stats.json"}
+    assert {f["filename"] for f in done.result["autoawq_files"]} >= {"model.safetensors", "config.json", "tokenizer.json"}
+    assert "autoawq" not in {f["filename"] for f in done.result["files"]}  # a folder, not a file of the native result
+    assert [e.data["stage"] for e in store.events(done.id, limit=100)[0] if e.type == "progress"][-1] == "exporting"
+    assert not list((data / "jobs" / ".staging").iterdir())
+
+
+def test_a_failed_autoawq_export_publishes_nothing(setup, make_tiny) -> None:
+    _, _, data, _, _ = setup
+    # the service refuses bits != 4 with autoawq (422); a job that gets here anyway fails whole
+    failed = _run_autoawq_job(setup, make_tiny, bits=3)
+    assert failed.status == "failed" and failed.error["code"] == "invalid_job", failed.error
+    assert "4-bit" in failed.error["message"], failed.error
+    assert not result_dir(data, failed.id).exists()
+    assert not list((data / "jobs" / ".staging").iterdir())

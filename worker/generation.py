@@ -1,7 +1,8 @@
 """Models for generation: loaded on first use, evicted least-recently-used under a memory budget.
 
-A model id is the built-in model's name (``smollm2-135m-instruct``) or the id of a succeeded
-quantization job (its folder ``<data>/jobs/<id>/``). Each loaded model is an
+A model id is the built-in model's name (``smollm2-135m-instruct``), the id of a succeeded
+quantization job (its folder ``<data>/jobs/<id>/``), or the name of a model the operator
+registered (``--model NAME=PATH``, see :mod:`worker.served`). Each loaded model is an
 :class:`~metal_marlin.generate.engine.Engine` with its own
 :class:`~metal_marlin.generate.scheduler.BatchScheduler` (continuous batching thread).
 
@@ -14,8 +15,10 @@ evicted. A model that cannot fit is refused (503), never loaded over the budget.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,9 +66,16 @@ class LoadedModel:
 
 
 def _files_size(path: Path) -> int:
-    if path.is_file():
-        return path.stat().st_size
     return sum(p.stat().st_size for p in path.glob("*.safetensors"))
+
+
+def _is_quantized_folder(path: Path) -> bool:
+    """MLX-layout quantized (ours, mlx-lm's) or AutoAWQ, judged by config.json."""
+    try:
+        config = json.loads((path / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return True  # the larger estimate; loading will tell
+    return bool(config.get("quantization") or config.get("quantization_config"))
 
 
 def _param_bytes(engine: Any) -> int:
@@ -75,9 +85,12 @@ def _param_bytes(engine: Any) -> int:
 
 
 class ModelRegistry:
-    def __init__(self, data_dir: Path, store: JobStore, budget_bytes: int, *, max_batch_size: int = 16) -> None:
+    def __init__(
+        self, data_dir: Path, store: JobStore, budget_bytes: int, *, max_batch_size: int = 16, served: Mapping[str, Path] | None = None
+    ) -> None:
         self.data_dir = Path(data_dir)
         self.store = store
+        self.served = dict(served or {})
         self.budget_bytes = int(budget_bytes)
         self.max_batch_size = max_batch_size
         self._models: dict[str, LoadedModel] = {}
@@ -90,6 +103,8 @@ class ModelRegistry:
         """Path to load for ``model_id`` (None: the built-in model); ModelNotFound otherwise."""
         if model_id == BUILTIN_MODEL_NAME:
             return None
+        if model_id in self.served:
+            return self.served[model_id]
         if is_job_id(model_id):
             job = self.store.get(model_id)
             folder = result_dir(self.data_dir, model_id)
@@ -100,14 +115,17 @@ class ModelRegistry:
     def estimate_bytes(self, model_id: str, path: Path | None) -> int:
         if model_id in self._measured:
             return self._measured[model_id]
-        if path is None:
-            # a 4-bit GGUF dequantized to float32: ~6-8x its file size
-            return 7 * builtin_model_path().stat().st_size
-        # float16 tensors are loaded as float32 (x2); packed int4 stays packed, plus (on the
-        # CPU backend) a float32 copy of it, 8 bytes per stored int4 byte
+        if path is None or path.is_file():
+            # a GGUF dequantized to float32: ~6-8x the file size of a 4-bit one (the measured
+            # size replaces this estimate once loaded)
+            return 7 * (builtin_model_path() if path is None else path).stat().st_size
+        size = _files_size(path)
+        if not _is_quantized_folder(path):  # float16/bfloat16 tensors are loaded as float32
+            return 2 * size
+        # packed int4 stays packed, plus (on the CPU backend) a float32 copy of it, 8 bytes per
+        # stored int4 byte; float16 tensors beside it are loaded as float32 (x2)
         from metal_marlin.generate.engine import dense_cpu_weights_default
 
-        size = _files_size(path)
         return 2 * size + (8 * size if dense_cpu_weights_default() else 0)
 
     @property

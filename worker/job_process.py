@@ -8,7 +8,8 @@ job hard if it must. The child:
 - re-validates the job's sources against the model roots (the file system may have changed),
   and that an uploaded source still exists with the right purpose;
 - runs :func:`metal_marlin.pipeline.awq_quantize_model` into a staging folder, recording a
-  progress event per block in the job store;
+  progress event per block in the job store; with ``export_format: "autoawq"`` it then writes
+  the AutoAWQ GEMM export of that folder into ``<staging>/autoawq/``;
 - between blocks, stops if cancellation was requested, if the job is no longer its worker's
   running job (the service failed it after a crash), or if its parent worker is gone;
 - exits 0 on success, 3 when cancelled, 4 for a job that cannot run as specified (its
@@ -108,7 +109,7 @@ def run_job(
     store.record_progress(job_id, worker, {"stage": "loading", "block": 0, "n_blocks": 0, "elapsed_s": 0.0}, "Loading the model and calibration data")
     from metal_marlin.pipeline import awq_quantize_model
 
-    return awq_quantize_model(
+    stats = awq_quantize_model(
         model_path,
         output,
         activations_path=activations_path,
@@ -124,6 +125,23 @@ def run_job(
         duo_scaling=hp.get("duo_scaling", False),
         progress=progress,
     )
+    if spec.get("export_format", "mlx") == "autoawq":
+        export_autoawq_result(store, job_id, worker, output, stats)
+    return stats
+
+
+def export_autoawq_result(store: JobStore, job_id: str, worker: str, output: Path, stats: dict[str, Any]) -> None:
+    """Write the AutoAWQ GEMM export of the native result ``output`` into ``output/autoawq``."""
+    from metal_marlin.checkpoints.autoawq import export_autoawq
+    from worker.runner import format_dir  # not at the top: the runner imports this module
+
+    if store.cancel_requested(job_id):
+        raise JobCancelled()
+    n_blocks = int(stats.get("blocks_awq", 0)) + int(stats.get("blocks_rtn", 0))
+    data = {"stage": "exporting", "block": n_blocks, "n_blocks": n_blocks, "elapsed_s": round(float(stats.get("total_time_s", 0.0)), 3)}
+    if not store.record_progress(job_id, worker, data, "Writing the AutoAWQ GEMM export"):
+        raise JobLost(f"job {job_id} is no longer running for this worker")
+    export_autoawq(output, format_dir(output, "autoawq"))
 
 
 def main(argv: list[str] | None = None) -> int:

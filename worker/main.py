@@ -36,6 +36,8 @@ from worker.generation import MIB, ModelRegistry
 from worker.jobstore import JobStore
 from worker.proc import die_with_parent, watch_parent
 from worker.runner import JobRunner, cleanup_data_dir
+from worker.served import ENV_VAR as SERVED_MODELS_VAR
+from worker.served import ServedModelError, ServedModelsSpec, parse_served_models
 
 log = logging.getLogger("metal_marlin.worker")
 
@@ -86,6 +88,7 @@ def run_worker(
     host: str = "127.0.0.1",
     port: int | None = None,
     model_roots: str | None = None,
+    served_models: ServedModelsSpec = None,
     memory_mb: int | None = None,
     run_jobs: bool = True,
     parent_pid: int | None = None,
@@ -96,11 +99,17 @@ def run_worker(
 
     ``socket_path`` defaults to ``<data_dir>/run/worker.sock``; give ``port`` to listen on
     loopback TCP instead. ``model_roots`` (``os.pathsep``-separated; default
-    ``MM_MODEL_ROOTS``) bounds what jobs may read. ``memory_mb`` (default
+    ``MM_MODEL_ROOTS``) bounds what jobs may read. ``served_models`` (``NAME=PATH`` entries,
+    default ``MM_SERVED_MODELS``, see :mod:`worker.served`) are served by name; their paths
+    are checked unless the worker was started by the service (``parent_pid``), which checked
+    them already: a model removed later must not keep a restarted worker down. ``memory_mb`` (default
     ``MM_WORKER_MEMORY_MB`` or 4096) is the loaded models' budget. ``token`` (default
     ``MM_WORKER_TOKEN``) is required on every internal request when set.
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s worker[%(process)d] %(levelname)s %(name)s: %(message)s")
+    if served_models is None:
+        served_models = os.environ.get(SERVED_MODELS_VAR, "")
+    served = parse_served_models(served_models, check_paths=parent_pid is None)  # ServedModelError before any side effect
     if parent_pid is not None:
         die_with_parent(signal.SIGTERM, expected_parent=parent_pid)
     data_dir = Path(data_dir).resolve()
@@ -122,7 +131,7 @@ def run_worker(
         child_env = dict(os.environ)
         child_env.pop("MM_WORKER_TOKEN", None)
         runner = JobRunner(store, data_dir, worker_id, roots=roots, env=child_env)
-    registry = ModelRegistry(data_dir, store, budget_mb * MIB)
+    registry = ModelRegistry(data_dir, store, budget_mb * MIB, served=served)
     state = WorkerState(worker_id=worker_id, store=store, registry=registry, runner=runner, token=token)
     app = create_worker_app(state)
 
@@ -159,6 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="listen on loopback TCP instead of a socket")
     parser.add_argument("--model-roots", default=None)
+    parser.add_argument("--model", dest="served_models", action="append", default=None, metavar="NAME=PATH",
+                        help="serve a local model under NAME (repeatable; default: MM_SERVED_MODELS)")
     parser.add_argument("--memory-mb", type=int, default=None)
     parser.add_argument("--no-jobs", action="store_true", help="serve generation only; leave jobs queued")
     parser.add_argument("--parent-pid", type=int, default=None)
@@ -166,10 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run_worker(
-            args.data_dir, args.socket, host=args.host, port=args.port, model_roots=args.model_roots,
+            args.data_dir, args.socket, host=args.host, port=args.port, model_roots=args.model_roots, served_models=args.served_models,
             memory_mb=args.memory_mb, run_jobs=not args.no_jobs, parent_pid=args.parent_pid, log_level=args.log_level,
         )
-    except WorkerLockError as exc:
+    except (WorkerLockError, ServedModelError) as exc:
         print(f"worker: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -6,6 +6,10 @@ the runner rename that folder into place (one ``rename``, atomic on one file sys
 mark the job ``succeeded`` (guarded: only if it is still this worker's running job; otherwise
 the folder is removed again). A result is therefore visible exactly when its job has
 succeeded, whatever crashes in between.
+
+A job with ``export_format: "autoawq"`` also has the AutoAWQ GEMM export of its result in
+``<data>/jobs/<job_id>/autoawq/``, written by the job process inside the staging folder, so it
+is published by the same rename, or not at all.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ RESULT_SUMMARY_KEYS = (
 )
 
 
+EXPORT_FORMATS = ("mlx", "autoawq")
+AUTOAWQ_DIR = "autoawq"
+
+
 def jobs_dir(data_dir: Path) -> Path:
     return data_dir / "jobs"
 
@@ -54,18 +62,41 @@ def result_dir(data_dir: Path, job_id: str) -> Path:
     return jobs_dir(data_dir) / job_id
 
 
-def result_summary(folder: Path) -> dict[str, Any]:
-    """Files of a finished job (name, bytes) and the headline numbers of its quant_stats.json."""
-    files = sorted(
+def format_dir(folder: Path, fmt: str) -> Path:
+    """Where a result folder keeps one format: the native (``mlx``) files at its top, the
+    AutoAWQ export in ``autoawq/``."""
+    if fmt not in EXPORT_FORMATS:
+        raise ValueError(f"unknown result format {fmt!r}")
+    return folder if fmt == "mlx" else folder / AUTOAWQ_DIR
+
+
+def spec_formats(spec: dict[str, Any]) -> list[str]:
+    """The formats a job writes: always ``mlx``, plus its ``export_format``."""
+    wanted = spec.get("export_format", "mlx")
+    return ["mlx"] if wanted == "mlx" else ["mlx", wanted]
+
+
+def _file_list(folder: Path) -> list[dict[str, Any]]:
+    return sorted(
         ({"filename": p.name, "bytes": p.stat().st_size} for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")),
         key=lambda f: f["filename"],
     )
+
+
+def result_summary(folder: Path) -> dict[str, Any]:
+    """Files of a finished job (name, bytes), the formats it holds (``autoawq_files`` when
+    exported), and the headline numbers of its quant_stats.json."""
     stats: dict[str, Any] = {}
     stats_path = folder / "quant_stats.json"
     if stats_path.is_file():
         raw = json.loads(stats_path.read_text(encoding="utf-8"))
         stats = {k: raw[k] for k in RESULT_SUMMARY_KEYS if k in raw}
-    return {"files": files, "stats": stats}
+    summary: dict[str, Any] = {"files": _file_list(folder), "stats": stats, "formats": ["mlx"]}
+    awq = format_dir(folder, "autoawq")
+    if (awq / "model.safetensors").is_file():
+        summary["formats"].append("autoawq")
+        summary["autoawq_files"] = _file_list(awq)
+    return summary
 
 
 def remove_tree(path: Path, trash: Path) -> None:
@@ -225,7 +256,10 @@ class JobRunner:
             if shutdown:
                 self.store.requeue(job.id, self.worker_id, "The worker shut down while this job ran; it was put back in the queue")
                 return
-            if returncode == EXIT_OK and (staging / "model.safetensors").is_file():
+            missing = [f for f in spec_formats(job.spec) if not (format_dir(staging, f) / "model.safetensors").is_file()]
+            if returncode == EXIT_OK and missing:
+                error = {"code": "internal_error", "message": f"the job process ended without writing its {' and '.join(missing)} result"}
+            elif returncode == EXIT_OK:
                 final = result_dir(self.data_dir, job.id)
                 remove_tree(final, trash)
                 os.rename(staging, final)
