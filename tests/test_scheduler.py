@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from metal_marlin.generate import SamplingParams
-from metal_marlin.generate.engine import Engine
+from metal_marlin.generate.engine import Engine, GenerationResult
 from metal_marlin.generate.scheduler import BatchScheduler, SchedulerClosed, _DecodeBatch
 from metal_marlin.models import KVCache
 from test_engine import builtin_tokenizer, quantized_copy
@@ -71,22 +71,40 @@ def test_batched_equals_single_sequence(engine, singles):
     assert sched.stats["decode_tokens"] > 2 * sched.stats["decode_steps"]  # really batched
 
 
-def test_batched_quantized_is_bit_identical(smollm2):
-    """All-4-bit model: quantized_matmul, attention and RoPE treat rows independently on the
-    CPU backend and padding adds exact zeros, so batched logprobs equal single ones bitwise."""
-    engine = Engine(quantized_copy(smollm2), builtin_tokenizer(smollm2.metadata), smollm2.metadata)
-    requests = [
-        ("The capital of France is", SamplingParams(temperature=0.0, max_tokens=4, logprobs=0, ignore_eos=True)),
-        ("Once upon a time", SamplingParams(temperature=1.0, seed=11, max_tokens=4, logprobs=0, ignore_eos=True)),
-        ("Hi", SamplingParams(temperature=0.0, max_tokens=3, logprobs=0, ignore_eos=True)),
-    ]
+QUANTIZED_REQUESTS = [
+    ("The capital of France is", SamplingParams(temperature=0.0, max_tokens=4, logprobs=0, ignore_eos=True)),
+    ("Once upon a time", SamplingParams(temperature=1.0, seed=11, max_tokens=4, logprobs=0, ignore_eos=True)),
+    ("Hi", SamplingParams(temperature=0.0, max_tokens=3, logprobs=0, ignore_eos=True)),
+]
+
+
+def _batched_and_single(engine: Engine) -> list[tuple[GenerationResult, GenerationResult]]:
     sched = BatchScheduler(engine, start=False)
-    handles = [sched.submit(*requests[0])]
-    sched.step()
-    handles += [sched.submit(*r) for r in requests[1:]]
+    handles = [sched.submit(*QUANTIZED_REQUESTS[0])]
+    sched.step()  # the first request decodes alone for a step, then three share a batch
+    handles += [sched.submit(*r) for r in QUANTIZED_REQUESTS[1:]]
     sched.run_until_idle()
-    for handle, (prompt, params) in zip(handles, requests):
-        assert_same(handle.result(timeout=0), engine.generate(prompt, params), exact=True)
+    return [(h.result(timeout=0), engine.generate(p, params)) for h, (p, params) in zip(handles, QUANTIZED_REQUESTS)]
+
+
+def test_batched_quantized_is_bit_identical(smollm2):
+    """All-4-bit model on the int4 kernel: quantized_matmul, attention and RoPE treat rows
+    independently on the CPU backend and padding adds exact zeros, so batched logprobs equal
+    single ones bitwise."""
+    engine = Engine(quantized_copy(smollm2), builtin_tokenizer(smollm2.metadata), smollm2.metadata,
+                    dense_cpu_weights=False)
+    for batched, single in _batched_and_single(engine):
+        assert_same(batched, single, exact=True)
+
+
+def test_batched_quantized_with_float32_copies_matches_single(smollm2):
+    """With the CPU float32 copies, batches (sgemm) and single rows (int4 kernel) round
+    differently: the same tokens, logprobs equal to float32 accuracy."""
+    engine = Engine(quantized_copy(smollm2), builtin_tokenizer(smollm2.metadata), smollm2.metadata,
+                    dense_cpu_weights=True)
+    assert engine.dense_weight_bytes > 0
+    for batched, single in _batched_and_single(engine):
+        assert_same(batched, single, exact=False)
 
 
 def test_threaded_events_aevents_and_result(engine, singles):

@@ -34,7 +34,10 @@ floating-point rounding in the decode forward, because the batch shape differs:
   of the others (measured: bit-identical). So with a fully quantized model (all linear
   layers, embedding and head 4-bit, as ``mlx.nn.quantize`` makes them) batched logits are
   *bit-identical* to single-sequence logits on the CPU backend, and so are greedy and
-  seeded tokens (tested).
+  seeded tokens (tested) — when the engine runs the int4 kernel for every row
+  (``dense_cpu_weights=False``). By default the CPU engine serves batches of 2+ rows from
+  float32 copies through ``sgemm`` (see ``cache_dense_cpu_weights``), and the next point
+  applies to them.
 * float (unquantized) matrices go through BLAS ``sgemm``, whose summation order depends
   on the number of rows (OpenBLAS, measured: up to ~5e-5 absolute on O(10) outputs). Logits
   then agree to ~1e-6 relative, not bitwise; greedy and seeded tokens are equal unless two

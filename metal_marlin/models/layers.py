@@ -47,6 +47,11 @@ def check_quant_params(group_size: int, bits: int, in_features: int, where: str 
 DENSE_ROWS_ON_CPU = 64
 """Rows (tokens) from which a CPU forward dequantizes and uses a dense matmul instead."""
 
+DENSE_COPY_MIN_ROWS = 2
+"""Rows from which a cached float32 copy is used. A single row (one sequence decoding)
+keeps the int4 kernel: it reads 8x fewer bytes, and a float32 sgemv measured up to 2x
+slower than it whenever other processes share the cores."""
+
 DENSE_WEIGHT_ATTR = "_dense_weight"
 """Where :func:`cache_dense_cpu_weights` keeps a layer's float32 copy (not a parameter:
 MLX leaves ``_``-prefixed members out of ``parameters()``, so it is never saved)."""
@@ -126,7 +131,7 @@ class QuantizedLinear(nn.Module):
         scales, biases, group = kernel_group_params(self.scales, self.biases, self.group_size)
         rows = x.size // x.shape[-1] if x.shape[-1] else 0
         dense = self.get(DENSE_WEIGHT_ATTR)
-        if dense is not None and mx.default_device() == mx.cpu:
+        if dense is not None and rows >= DENSE_COPY_MIN_ROWS and mx.default_device() == mx.cpu:
             # See cache_dense_cpu_weights: sgemm on a cached float copy.
             y = (x.astype(mx.float32) @ dense.T).astype(x.dtype)
         elif rows >= DENSE_ROWS_ON_CPU and mx.default_device() == mx.cpu:
@@ -238,7 +243,8 @@ def cache_dense_cpu_weights(model: nn.Module) -> int:
     packed int4 (the returned byte count, which callers add to their memory accounting).
     On Metal the int4 kernels are fast and this is not used.
 
-    The copy is exactly ``dequantize(W)``, so outputs equal the int4 kernel's up to float
+    The copy serves calls with at least ``DENSE_COPY_MIN_ROWS`` rows (batched decode,
+    prefill); a single row keeps the int4 kernel. The copy is exactly ``dequantize(W)``, so outputs equal the int4 kernel's up to float
     summation order. Covers ``QuantizedLinear`` layers and a quantized tied embedding used
     as the output head (``model.lm_logits`` picks that up). Returns the bytes added.
     """
