@@ -128,19 +128,19 @@ class QuantizedLinear(nn.Module):
         return mx.dequantize(self.weight, scales, biases, group_size=group, bits=self.bits).astype(mx.float32)
 
     def __call__(self, x: mx.array) -> mx.array:
-        scales, biases, group = kernel_group_params(self.scales, self.biases, self.group_size)
         rows = x.size // x.shape[-1] if x.shape[-1] else 0
+        on_cpu = mx.default_device() == mx.cpu
         dense = self.get(DENSE_WEIGHT_ATTR)
-        if dense is not None and rows >= DENSE_COPY_MIN_ROWS and mx.default_device() == mx.cpu:
+        if dense is not None and rows >= DENSE_COPY_MIN_ROWS and on_cpu:
             # See cache_dense_cpu_weights: sgemm on a cached float copy.
             y = (x.astype(mx.float32) @ dense.T).astype(x.dtype)
-        elif rows >= DENSE_ROWS_ON_CPU and mx.default_device() == mx.cpu:
+        elif rows >= DENSE_ROWS_ON_CPU and on_cpu:
             # MLX's CPU quantized_matmul is a scalar kernel whose cost grows linearly with
             # rows; for prefill and evaluation, dequantizing once and calling sgemm is
             # ~7x faster here. Decode batches (few rows) keep the int4 kernel.
-            w = mx.dequantize(self.weight, scales, biases, group_size=group, bits=self.bits)
-            y = x @ w.T.astype(x.dtype)
+            y = x @ self.dequantized_weight().T.astype(x.dtype)
         else:
+            scales, biases, group = kernel_group_params(self.scales, self.biases, self.group_size)
             y = mx.quantized_matmul(
                 x, self.weight, scales, biases, transpose=True, group_size=group, bits=self.bits
             )
