@@ -25,3 +25,22 @@ def describe_machine() -> str:
         f"Python {platform.python_version()}, mlx {mx.__version__} on {mx.default_device()}, "
         f"MLX BLAS: {_blas.loaded_blas or 'bundled reference'}"
     )
+
+
+def describe_gpu() -> dict:
+    """The GPU, its driver and MLX's view of the device (nvidia-smi where it exists)."""
+    import shutil
+    import subprocess
+
+    import mlx.core as mx
+
+    info: dict = {"mlx": mx.__version__, "default_device": str(mx.default_device())}
+    try:
+        info["mlx_device_info"] = {k: v for k, v in mx.device_info().items() if isinstance(v, (int, float, str))}
+    except Exception as exc:  # older MLX or no device
+        info["mlx_device_info"] = f"unavailable: {exc}"
+    if shutil.which("nvidia-smi"):
+        query = "name,driver_version,memory.total,clocks.max.sm,clocks.max.mem"
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={query}", "--format=csv,noheader"], capture_output=True, text=True)
+        info["nvidia_smi"] = out.stdout.strip()
+    return info

@@ -220,7 +220,7 @@ def awq_quantize(
     candidate by the mean squared error of the layer output ``activations @ weights``; then
     shrinks each group's range where that lowers the output error (``clip_search``). Alpha 0
     is plain round-to-nearest, so the search never does worse than it on the calibration set.
-    All search math is float32, on numpy or MLX (``compute_backend``; "auto" = MLX on macOS).
+    All search math is float32, on numpy or MLX (``compute_backend``; "auto" = MLX on a GPU, else numpy).
     """
     check_output_backend(output_backend)
     _check_method(activation_method)

@@ -1,28 +1,36 @@
 """Array backends: which namespace computes, and what type results are handed back as.
 
-Compute runs on numpy (fast system BLAS on Linux) or MLX (Metal on macOS); results can be
+Compute runs on numpy (fast system BLAS on the CPU) or MLX (on the GPU: Metal on macOS, CUDA
+on Linux; see :mod:`metal_marlin.device`); results can be
 returned as numpy arrays, ``mx.array`` or ``torch.Tensor``. torch is optional and never a
 dependency.
 """
 
 from __future__ import annotations
 
-import sys
 from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+from metal_marlin import device
 
 OUTPUT_BACKENDS = ("numpy", "mlx", "torch")
 COMPUTE_BACKENDS = ("auto", "numpy", "mlx")
 
 
 def compute_namespace(compute_backend: str) -> ModuleType:
-    """``numpy`` or ``mlx.core`` for ``compute_backend`` ("auto": MLX on macOS, else numpy)."""
+    """``numpy`` or ``mlx.core`` for ``compute_backend``.
+
+    "auto" is MLX when MLX computes on a GPU (:func:`metal_marlin.device.on_gpu`: Metal or
+    CUDA), where its float32 matmuls beat numpy's; numpy on the CPU, whose system BLAS beats
+    MLX's CPU backend. (macOS always has Metal unless ``--device cpu`` was chosen; then numpy
+    with Accelerate is the right choice there too.)
+    """
     if compute_backend not in COMPUTE_BACKENDS:
         raise ValueError(f"compute_backend must be one of {COMPUTE_BACKENDS}, got {compute_backend!r}")
     if compute_backend == "auto":
-        compute_backend = "mlx" if sys.platform == "darwin" else "numpy"
+        compute_backend = "mlx" if device.on_gpu() else "numpy"
     if compute_backend == "numpy":
         return np
     import mlx.core as mx

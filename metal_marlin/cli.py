@@ -1,18 +1,26 @@
 """``metal-marlin``: one command line for every job.
 
-User mistakes (bad flags, missing files, shapes that do not fit) print one line
-``metal-marlin: error: ...`` and exit with status 2; no traceback.
+User mistakes (bad flags, missing files, shapes that do not fit, ``--device gpu`` without
+a GPU) print one line ``metal-marlin: error: ...`` and exit with status 2; no traceback.
+
+Every subcommand takes ``--device {auto,gpu,cpu}`` (default ``MM_DEVICE``, else auto: the
+GPU when MLX has one). It is applied before the command runs (see :mod:`metal_marlin.device`)
+and exported as ``MM_DEVICE`` so that processes started from here (the service's worker,
+its job processes) compute on the same device.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 from typing import Sequence
 
 from metal_marlin.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
+from metal_marlin.device import DEVICE_CHOICES, DEVICE_ENV, MLXUnavailableError, parse_device, select_device
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
 
@@ -110,15 +118,47 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_info(args: argparse.Namespace) -> int:
+    from metal_marlin.device import device_info
+
+    info = device_info()
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    width = max(len(k) for k in info)
+    for key, value in info.items():
+        if key == "memory_bytes" and isinstance(value, int):
+            value = f"{value} ({value / 2**30:.1f} GiB)"
+        print(f"{key + ':':<{width + 1}} {'-' if value is None else value}")
+    return 0
+
+
+DEVICE_HELP = (
+    f"compute on the GPU (Metal on macOS, CUDA on Linux) or the CPU (default: ${DEVICE_ENV}, else auto: "
+    "the GPU when MLX has one)"
+)
+
+
+def _device_parent() -> argparse.ArgumentParser:
+    """``--device``, shared by every subcommand (a parent parser: it goes after the command)."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--device", type=str.lower, choices=DEVICE_CHOICES, default=None, help=DEVICE_HELP)
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="metal-marlin", description="AWQ quantization and int4 serving on MLX")
+    # Also before the command (`metal-marlin --device cpu eval`); a separate dest, because a
+    # subparser's default would overwrite the top-level value. The subcommand's flag wins.
+    parser.add_argument("--device", dest="global_device", type=str.lower, choices=DEVICE_CHOICES, default=None, help=DEVICE_HELP)
     sub = parser.add_subparsers(dest="command", required=True)
+    common = [_device_parent()]
 
-    quantize = sub.add_parser("quantize", help="AWQ-quantize a model into an MLX-layout folder")
+    quantize = sub.add_parser("quantize", parents=common, help="AWQ-quantize a model into an MLX-layout folder")
     add_quantize_arguments(quantize)
     quantize.set_defaults(func=run_quantize)
 
-    collect = sub.add_parser("collect", help="write calibration inputs to activations.npz")
+    collect = sub.add_parser("collect", parents=common, help="write calibration inputs to activations.npz")
     collect.add_argument("--model-path", default=None)
     collect.add_argument("--output", required=True, help="path of the .npz to write")
     collect.add_argument("--text", dest="text_path", default=None)
@@ -127,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     collect.add_argument("--hidden-states", action="store_true", help="also store the first block's input")
     collect.set_defaults(func=run_collect)
 
-    evaluate = sub.add_parser("eval", help="perplexity on held-out Wikipedia (or --corpus kjv, or --text)")
+    evaluate = sub.add_parser("eval", parents=common, help="perplexity on held-out Wikipedia (or --corpus kjv, or --text)")
     evaluate.add_argument("--model", default=None, help="model path (default: built-in SmolLM2)")
     evaluate.add_argument("--text", dest="text_path", default=None, help="a UTF-8 text file instead of a built-in corpus")
     evaluate.add_argument("--corpus", choices=("wikipedia", "kjv"), default="wikipedia",
@@ -137,7 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=4)
     evaluate.set_defaults(func=run_eval)
 
-    generate = sub.add_parser("generate", help="generate text, streaming to the terminal")
+    generate = sub.add_parser("generate", parents=common, help="generate text, streaming to the terminal")
     generate.add_argument("--model", default=None, help="model path (default: built-in SmolLM2)")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
@@ -147,13 +187,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--seed", type=int, default=None)
     generate.set_defaults(func=run_generate_command)
 
-    export = sub.add_parser("export", help="convert a 4-bit folder: native MLX layout <-> AutoAWQ GEMM")
+    export = sub.add_parser("export", parents=common, help="convert a 4-bit folder: native MLX layout <-> AutoAWQ GEMM")
     export.add_argument("--model", required=True, help="folder to convert (native for autoawq, AutoAWQ for native)")
     export.add_argument("--output", required=True, help="new folder to write")
     export.add_argument("--format", required=True, choices=("autoawq", "native"), help="layout to write")
     export.set_defaults(func=run_export)
 
-    serve = sub.add_parser("serve", help="start the HTTP service (supervises its own worker)")
+    serve = sub.add_parser("serve", parents=common, help="start the HTTP service (supervises its own worker)")
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--data-dir", default=None, help="default: $MM_DATA_DIR or ./data")
@@ -162,14 +202,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "(repeatable; replaces $MM_SERVED_MODELS, which holds NAME=PATH entries separated by os.pathsep)")
     serve.set_defaults(func=run_serve)
 
-    worker = sub.add_parser("worker", help="run a worker process on its own")
+    worker = sub.add_parser("worker", parents=common, help="run a worker process on its own")
     worker.add_argument("--data-dir", required=True)
     worker.add_argument("--socket-path", default=None)
     worker.set_defaults(func=run_worker_command)
 
-    openapi = sub.add_parser("openapi", help="write openapi/openapi.json from the app")
+    openapi = sub.add_parser("openapi", parents=common, help="write openapi/openapi.json from the app")
     openapi.add_argument("--output", default=None)
     openapi.set_defaults(func=run_openapi)
+
+    info = sub.add_parser("info", parents=common, help="versions, the compute device (GPU or CPU) and its memory")
+    info.add_argument("--json", action="store_true", help="print a JSON object")
+    info.set_defaults(func=run_info)
     return parser
 
 
@@ -196,15 +240,46 @@ def run_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _probe_device_in_subprocess(device: str) -> None:
+    """Fail ``serve --device gpu`` now, not in a worker restart loop, without loading MLX here.
+
+    The service process never imports MLX (on a GPU host that would also initialise the GPU
+    in the wrong process), so the check runs in a throwaway interpreter.
+    """
+    code = "import sys\nfrom metal_marlin.device import select_device\ntry:\n    select_device()\n" \
+        "except (ValueError, ImportError) as e:\n    sys.exit(str(e))\n"
+    env = dict(os.environ, **{DEVICE_ENV: device})
+    result = subprocess.run([sys.executable, "-c", code], env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True)
+    if result.returncode != 0:
+        lines = result.stderr.strip().splitlines()
+        raise ValueError(lines[-1] if lines else f"could not check the {device} device (exit status {result.returncode})")
+
+
+def _apply_device(args: argparse.Namespace) -> None:
+    """``--device`` (else ``MM_DEVICE``, else auto): select it here, export it to children."""
+    if args.command == "openapi":  # no MLX needed
+        return
+    requested = args.device if args.device is not None else getattr(args, "global_device", None)
+    device = parse_device(requested)  # ValueError for a bad MM_DEVICE
+    if requested is not None:
+        os.environ[DEVICE_ENV] = device  # inherited by the worker and its job processes
+    if args.command == "serve":  # the worker selects; only an explicit GPU request can fail
+        if device == "gpu":
+            _probe_device_in_subprocess(device)
+        return
+    select_device(device)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _apply_device(args)
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("metal-marlin: interrupted", file=sys.stderr)
         return 130
-    except USER_ERRORS as exc:
+    except (*USER_ERRORS, MLXUnavailableError) as exc:
         message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"metal-marlin: error: {message}", file=sys.stderr)
         return 2

@@ -27,6 +27,9 @@ from worker.jobstore import JobStore
 
 log = logging.getLogger("metal_marlin.service")
 
+#: What ``/health`` reports of the worker's compute device (from its readiness answer).
+WORKER_DEVICE_FIELDS = ("device", "backend", "device_name")
+
 DESCRIPTION = """\
 OpenAI-compatible completions served from AWQ-quantized models, and a quantization jobs API.
 
@@ -70,7 +73,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = JobStore.in_data_dir(settings.data_dir)
     supervisor = WorkerSupervisor(settings, store, on_restart=lambda: metrics.worker_restarts.inc())
-    metrics = ServiceMetrics(job_counts=store.counts, worker_up=lambda: supervisor.ready)
+    metrics = ServiceMetrics(job_counts=store.counts, worker_up=lambda: supervisor.ready, worker_device=lambda: supervisor.ready_info.get("device_info"))
     app.state.mm = ServiceState(settings=settings, store=store, supervisor=supervisor, metrics=metrics)
 
     install_error_handlers(app)
@@ -89,6 +92,8 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
         sup = get_state(request).supervisor
         if sup.ready:
             info = {k: sup.ready_info.get(k) for k in ("pid", "jobs_enabled", "current_job", "loaded_models", "active_requests")}
+            device = sup.ready_info.get("device_info") or {}
+            info.update({k: device.get(k) for k in WORKER_DEVICE_FIELDS})
             info["restarts"] = sup.restarts
             return JSONResponse(Health(status="ok", worker=info).model_dump())
         worker = {"restarts": sup.restarts, "last_exit": sup.last_exit}

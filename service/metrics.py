@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -181,6 +182,7 @@ class ServiceMetrics:
         self,
         job_counts: Callable[[], dict[str, int]] | None = None,
         worker_up: Callable[[], bool] | None = None,
+        worker_device: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> None:
         self.registry = Registry()
         add = self.registry.add
@@ -206,6 +208,15 @@ class ServiceMetrics:
         add(Gauge("mm_jobs", "Quantization jobs by status", ("status",), collect=jobs))
         add(Gauge("mm_job_queue_depth", "Quantization jobs waiting to run", (), collect=queue))
         add(Gauge("mm_worker_up", "1 when the worker answers its readiness check", (), collect=lambda: [({}, 1.0 if worker_up and worker_up() else 0.0)]))
+
+        def device() -> Iterable[tuple[dict[str, str], float]]:
+            info = worker_device() if worker_device else None
+            if not info:  # no worker has answered yet
+                return []
+            labels = {"device": info.get("device"), "backend": info.get("backend"), "name": info.get("device_name")}
+            return [({k: "" if v is None else str(v) for k, v in labels.items()}, 1.0)]
+
+        add(Gauge("mm_worker_device_info", "The worker's compute device (last reported): device gpu/cpu, backend cuda/metal/cpu, name", ("device", "backend", "name"), collect=device))
 
     def render(self) -> str:
         return self.registry.render()

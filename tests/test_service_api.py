@@ -230,8 +230,27 @@ def test_metrics_exposition(client: TestClient) -> None:
     assert 'mm_http_requests_total{method="GET",route="/v1/models",status="401"} 1' in text
     assert 'mm_jobs{status="queued"} 1' in text and "mm_job_queue_depth 1" in text
     assert "mm_worker_up 0" in text
+    assert "# TYPE mm_worker_device_info gauge" in text and "mm_worker_device_info{" not in text  # no worker yet
     for name in ("mm_time_to_first_token_seconds", "mm_prompt_tokens_total", "mm_completion_tokens_total", "mm_inflight_generations"):
         assert f"# TYPE {name}" in text
+
+
+def test_worker_device_in_health_and_metrics(client: TestClient) -> None:
+    sup = client.app.state.mm.supervisor
+    device = {"device": "gpu", "backend": "cuda", "device_name": 'NVIDIA "H200"\\x', "memory_bytes": 150 * 2**30}
+    sup.ready_info = {"pid": 123, "jobs_enabled": True, "current_job": None, "loaded_models": [], "active_requests": 0, "device_info": device}
+    sup.ready = True
+    try:
+        health = client.get("/health")
+        assert health.status_code == 200, health.text
+        worker = health.json()["worker"]
+        assert worker["pid"] == 123 and worker["restarts"] == 0  # the fields that were there before
+        assert (worker["device"], worker["backend"], worker["device_name"]) == ("gpu", "cuda", 'NVIDIA "H200"\\x')
+        text = client.get("/metrics").text
+        assert 'mm_worker_device_info{device="gpu",backend="cuda",name="NVIDIA \\"H200\\"\\\\x"} 1' in text, text
+        assert "mm_worker_up 1" in text
+    finally:
+        sup.ready = False
 
 
 def test_no_auth_when_no_key(tmp_path: Path) -> None:

@@ -197,11 +197,13 @@ def test_queued_job_survives_restart_and_runs(server: Server) -> None:
 def test_health_models_metrics(server: Server) -> None:
     health = server.health()
     assert health["status"] == "ok" and health["worker"]["pid"] > 0
+    assert health["worker"]["device"] == "cpu" and health["worker"]["backend"] == "cpu"  # no GPU in CI
     assert httpx.get(f"{server.url}/v1/models").status_code == 401
     ids = [m["id"] for m in server.http.get("/v1/models").json()["data"]]
     assert ids[0] == BUILTIN
     metrics = httpx.get(f"{server.url}/metrics").text
     assert "mm_worker_up 1" in metrics and 'mm_jobs{status="running"}' in metrics
+    assert 'mm_worker_device_info{device="cpu",backend="cpu",name=' in metrics
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,6 +26,11 @@ def test_token_is_required(tmp_path: Path) -> None:
         assert ready.status_code == 200
         body = ready.json()
         assert body["status"] == "ready" and body["jobs_enabled"] is False and body["loaded_models"] == [] and body["active_requests"] == 0
+        device = body["device_info"]  # the compute device, for the service's /health and /metrics
+        assert device["device"] == "cpu" and device["backend"] == "cpu" and device["device_name"]
+        import mlx.core as mx
+
+        assert device["mlx"] == mx.__version__ and isinstance(device["memory_bytes"], int)
 
 
 def test_generate_refusals_before_any_model_loads(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Routes (all internal; the service is the only client):
 
-- ``GET /ready``: 200 once the job runner and model registry are up (see :class:`ReadyResponse`);
+- ``GET /ready``: 200 once the job runner and model registry are up (see :class:`ReadyResponse`),
+  with the compute device (:func:`metal_marlin.device.device_info`);
 - ``POST /generate``: stream one generation as NDJSON (see :mod:`worker.protocol`);
 - ``POST /jobs/wake``: a job was queued, look now instead of at the next poll;
 - ``GET /models``: loaded models and the memory budget;
@@ -57,6 +58,8 @@ class WorkerState:
     runner: JobRunner | None
     token: str | None = None
     ready: bool = False
+    #: :func:`metal_marlin.device.device_info`, taken once (None: at app creation).
+    device_info: dict[str, Any] | None = None
 
 
 def _error(status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None, param: str | None = None) -> JSONResponse:
@@ -90,10 +93,23 @@ class WorkerTokenCheck:
 
 
 def create_worker_app(state: WorkerState) -> FastAPI:
+    from metal_marlin.assets import BUILTIN_MODEL_NAME
+    from metal_marlin.device import on_gpu as device_is_gpu
+
+    if state.device_info is None:
+        from metal_marlin.device import device_info
+
+        state.device_info = device_info()
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         if state.runner is not None:
             state.runner.start()
+        if device_is_gpu():
+            # On a GPU the first use of each kernel compiles it (tens of seconds): load and
+            # warm the built-in model before reporting ready, so no request waits on it.
+            entry = await state.registry.acquire(BUILTIN_MODEL_NAME)
+            state.registry.release(entry)
         state.ready = True
         try:
             yield
@@ -127,6 +143,7 @@ def create_worker_app(state: WorkerState) -> FastAPI:
             current_job=runner.current_job if runner else None,
             loaded_models=[m.id for m in state.registry.loaded()],
             active_requests=sum(m.active for m in state.registry.loaded()),
+            device_info=state.device_info,
         )
 
     @app.post("/jobs/wake", status_code=204)

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metal_marlin import device
 from metal_marlin.assets import BUILTIN_MODEL_NAME, builtin_model_path
 from worker.jobstore import JobStore, is_job_id
 from worker.runner import result_dir
@@ -30,6 +31,10 @@ from worker.runner import result_dir
 log = logging.getLogger("metal_marlin.worker.models")
 
 MIB = 1 << 20
+
+
+WARMUP_BATCH_SIZES = (1, 2, 3, 4, 8, 16, 32, 64, 128)
+"""Decode batch sizes whose kernels a GPU worker compiles when it loads a model."""
 
 
 class ModelNotFound(Exception):
@@ -222,5 +227,8 @@ class ModelRegistry:
         from metal_marlin.generate.scheduler import BatchScheduler
 
         engine = Engine.load(path, max_batch_size=self.max_batch_size)
+        if device.on_gpu():  # compile every kernel shape now, not in a request (see Engine.warmup)
+            sizes = [b for b in WARMUP_BATCH_SIZES if b <= self.max_batch_size]
+            log.info("warmed up %s's GPU kernels (batch sizes %s) in %.1f s", model_id, sizes, engine.warmup(sizes))
         scheduler = BatchScheduler(engine)
         return LoadedModel(model_id, path, engine, scheduler, _param_bytes(engine) + engine.dense_weight_bytes)

@@ -159,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
     error_file = Path(args.error_file)
     store = JobStore.in_data_dir(args.data_dir)
     try:
+        from metal_marlin.device import select_device
+
+        select_device()  # MM_DEVICE, inherited from the worker: the AWQ search runs where the worker computes
         run_job(store, args.job_id, args.worker, Path(args.output), parse_roots(args.roots), args.parent_pid, Path(args.data_dir))
     except JobCancelled:
         return EXIT_CANCELLED

@@ -2,6 +2,9 @@
 
 Startup, in order:
 
+0. select the compute device (``MM_DEVICE``: auto, gpu or cpu; the service's ``--device``
+   reaches us through it), before any model is loaded; ``gpu`` without a GPU exits with
+   one ``worker: error: ...`` line and status 2;
 1. take ``<data>/worker.lock`` (one worker per data directory; waits briefly for a previous
    worker that is still exiting);
 2. fail jobs left ``running`` by a previous worker that died (nobody else can be running
@@ -31,6 +34,7 @@ from pathlib import Path
 
 import uvicorn
 
+from metal_marlin.device import MLXUnavailableError, device_info, on_gpu, select_device
 from worker.app import WorkerState, create_worker_app
 from worker.generation import MIB, ModelRegistry
 from worker.jobstore import JobStore
@@ -46,6 +50,10 @@ DEFAULT_MEMORY_MB = 4096
 
 class WorkerLockError(RuntimeError):
     pass
+
+
+class WorkerDeviceError(RuntimeError):
+    """The requested compute device cannot be used (bad ``MM_DEVICE``, no GPU, no MLX backend)."""
 
 
 def _acquire_lock(data_dir: Path, wait_s: float) -> int:
@@ -110,6 +118,12 @@ def run_worker(
     if served_models is None:
         served_models = os.environ.get(SERVED_MODELS_VAR, "")
     served = parse_served_models(served_models, check_paths=parent_pid is None)  # ServedModelError before any side effect
+    try:
+        select_device()  # MM_DEVICE; MLX's default device is process-wide, so threads follow it
+        info = device_info()
+    except (ValueError, MLXUnavailableError) as exc:  # DeviceUnavailableError is a ValueError
+        raise WorkerDeviceError(str(exc)) from exc
+    log.info("computing on %s (%s%s)", info["device"], info["backend"], f", {info['device_name']}" if info["device_name"] else "")
     if parent_pid is not None:
         die_with_parent(signal.SIGTERM, expected_parent=parent_pid)
     data_dir = Path(data_dir).resolve()
@@ -131,8 +145,11 @@ def run_worker(
         child_env = dict(os.environ)
         child_env.pop("MM_WORKER_TOKEN", None)
         runner = JobRunner(store, data_dir, worker_id, roots=roots, env=child_env)
-    registry = ModelRegistry(data_dir, store, budget_mb * MIB, served=served)
-    state = WorkerState(worker_id=worker_id, store=store, registry=registry, runner=runner, token=token)
+    # Sequences decoded together per model: a GPU's step costs about the same for 1 or 128
+    # rows (memory-bound), a CPU's grows with them.
+    batch = int(os.environ.get("MM_MAX_BATCH_SIZE", "") or (128 if on_gpu() else 16))
+    registry = ModelRegistry(data_dir, store, budget_mb * MIB, served=served, max_batch_size=batch)
+    state = WorkerState(worker_id=worker_id, store=store, registry=registry, runner=runner, token=token, device_info=info)
     app = create_worker_app(state)
 
     config = uvicorn.Config(app, log_level=log_level, access_log=False, lifespan="on", timeout_graceful_shutdown=10)
@@ -180,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             args.data_dir, args.socket, host=args.host, port=args.port, model_roots=args.model_roots, served_models=args.served_models,
             memory_mb=args.memory_mb, run_jobs=not args.no_jobs, parent_pid=args.parent_pid, log_level=args.log_level,
         )
-    except (WorkerLockError, ServedModelError) as exc:
+    except (WorkerLockError, ServedModelError, WorkerDeviceError) as exc:
         print(f"worker: error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -93,6 +93,9 @@ class ReadyResponse(BaseModel):
     current_job: str | None
     loaded_models: list[str]
     active_requests: int
+    #: :func:`metal_marlin.device.device_info`: ``device`` ("gpu"/"cpu"), ``backend``
+    #: ("cuda"/"metal"/"cpu"), ``device_name``, ``memory_bytes``, versions.
+    device_info: dict[str, Any] | None = None
 
 
 class LoadedModelInfo(BaseModel):

@@ -37,6 +37,7 @@ import operator
 import os
 import secrets
 import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +45,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import mlx.core as mx
 
+from metal_marlin import device
 from metal_marlin.generate.chat import encode_chat
 from metal_marlin.generate.sampling import SampleOutput, Sampler, SamplingParams, SamplingState
 from metal_marlin.generate.stopping import StreamDelta, TokenStreamer
@@ -52,7 +54,7 @@ from metal_marlin.models.layers import cache_dense_cpu_weights
 if TYPE_CHECKING:
     from metal_marlin.tokenizer import Tokenizer
 
-__all__ = ["Engine", "EngineFinishReason", "GenerationResult", "StreamEvent", "dense_cpu_weights_default"]
+__all__ = ["Engine", "EngineFinishReason", "GenerationResult", "StreamEvent", "default_activation_dtype", "dense_cpu_weights_default"]
 
 DENSE_CPU_WEIGHTS_ENV = "MM_DENSE_CPU_WEIGHTS"
 
@@ -61,7 +63,28 @@ def dense_cpu_weights_default() -> bool:
     """Whether engines keep float32 copies of quantized weights: on MLX's CPU backend,
     unless ``MM_DENSE_CPU_WEIGHTS=0`` (e.g. to serve more models in less memory, at the
     int4 kernel's speed). On Metal never: its int4 kernels are the fast path."""
-    return mx.default_device() == mx.cpu and os.environ.get(DENSE_CPU_WEIGHTS_ENV, "1") != "0"
+    return not device.on_gpu() and os.environ.get(DENSE_CPU_WEIGHTS_ENV, "1") != "0"
+
+
+DTYPE_ENV = "MM_DTYPE"
+_DTYPES = {"float16": mx.float16, "bfloat16": mx.bfloat16, "float32": mx.float32}
+
+
+def default_activation_dtype() -> mx.Dtype:
+    """The dtype engines compute in: ``MM_DTYPE`` if set, else float16 on a GPU, float32 on the CPU.
+
+    Why: on a GPU the weights' bytes are the cost of a decode step and half-precision
+    activations halve everything else; float16 rather than bfloat16 because our
+    checkpoints store float16 scales (exact in float16, rounded in bfloat16) and its
+    10-bit mantissa is the closer of the two to float32 (bench/gpu.py measures the
+    perplexity of each against float32). On the CPU, MLX's float16 matmul is slow and
+    inexact, so float32 stays."""
+    name = os.environ.get(DTYPE_ENV)
+    if name:
+        if name not in _DTYPES:
+            raise ValueError(f"{DTYPE_ENV} must be one of {sorted(_DTYPES)}, got {name!r}")
+        return _DTYPES[name]
+    return mx.float16 if device.on_gpu() else mx.float32
 
 #: ``"stop"`` (EOS, stop token id or stop string), ``"length"`` (``max_tokens``),
 #: ``"cancelled"`` (:meth:`RequestHandle.cancel` or scheduler shutdown), ``"error"`` (the
@@ -250,18 +273,20 @@ class Engine:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def load(cls, path: str | Path | None = None, **kwargs: Any) -> Engine:
+    def load(cls, path: str | Path | None = None, *, dtype: mx.Dtype | None = None, **kwargs: Any) -> Engine:
         """Load a model and its tokenizer.
 
         ``None`` is the built-in SmolLM2-135M-Instruct; otherwise a ``.gguf`` file, a Hugging
-        Face folder, or an MLX-layout quantized folder (ours or mlx-lm's). ``kwargs`` go to
+        Face folder, or an MLX-layout quantized folder (ours or mlx-lm's). ``dtype`` is the
+        activation dtype (default :func:`default_activation_dtype`). ``kwargs`` go to
         the constructor. A path that does not exist raises ``FileNotFoundError`` naming it.
         """
+        dtype = dtype if dtype is not None else default_activation_dtype()
         from metal_marlin.checkpoints.loader import load_builtin_model, load_model
         from metal_marlin.tokenizer import Tokenizer
 
         if path is None:
-            model, _, metadata = load_builtin_model()
+            model, _, metadata = load_builtin_model(dtype)
         else:
             p = Path(path).expanduser()
             if not p.exists():
@@ -269,7 +294,7 @@ class Engine:
             if p.is_dir() and not (p / "config.json").is_file():
                 raise ValueError(f"model path {str(path)!r} is a folder without config.json; "
                                  "expected a Hugging Face / MLX model folder or a .gguf file")
-            model, _, metadata = load_model(p)
+            model, _, metadata = load_model(p, dtype)
         if metadata.get("format") == "gguf":
             fields = metadata.get("gguf_tokenizer")
             if fields:
@@ -404,18 +429,48 @@ class Engine:
         return self._run(seq)
 
     def _run(self, seq: SequenceState) -> Iterator[StreamEvent]:
+        """Prefill, then decode one token per step, one step ahead of the host.
+
+        Each step's token is fed (as a lazy array) into the next forward, which is handed
+        to the device with ``mx.async_eval`` before the host reads the token, runs the
+        streamer and yields: the host's work hides behind the device's. The forward after
+        the last token is computed for nothing, a price of one step per request.
+        """
         if seq.streamer.finished:  # max_tokens == 0: nothing to compute
             yield seq.end_event("length")
             return
         cache = self.make_cache()
         logits = self.prefill(seq.prompt_ids, cache)
         while True:
-            (ev,) = self.sample(logits, [seq])
+            with self.lock:
+                pending = self.sampler.draw(logits, [seq.sampling_state()])
+                logits = self.forward_last(pending.tokens.reshape(1, 1), cache)
+                mx.async_eval(logits)
+                out = pending.resolve()
+            token = out.tokens[0]
+            seq.last_token = token
+            ev = seq.event(token, out, 0, seq.streamer.push(token))
             yield ev
             if ev.finished:
                 return
-            with self.lock:
-                logits = self.forward_last(mx.array([[seq.last_token]], dtype=mx.int32), cache)
+
+    def warmup(self, batch_sizes: Sequence[int] = (1, 2, 3, 4, 8, 16), prompt_tokens: int = 16) -> float:
+        """Run every kernel shape serving will use once, so no request waits on compilation.
+
+        MLX's CUDA backend compiles each new kernel at its first use (tens of seconds for
+        its quantized matmuls); the worker calls this before it reports ready. Covers a
+        prefill piece and a decode step at each batch size (our fused kernel has one
+        variant per row count up to 4; MLX's matmul one for 8 and more). Returns seconds.
+        """
+        t0 = time.perf_counter()
+        with self.lock:
+            for batch in sorted(set(int(b) for b in batch_sizes if 0 < b <= self.max_batch_size)):
+                cache = self.make_cache()
+                tokens = mx.zeros((batch, prompt_tokens), dtype=mx.int32)
+                mx.eval(self.forward_last(tokens, cache))
+                mx.eval(self.forward_last(tokens[:, :1], cache, left_padding=[0] * batch if batch > 1 else None))
+            mx.eval(self.sampler.draw(mx.zeros((1, self.vocab_size)), [SamplingState(SamplingParams(), (), self.vocab_size)]).tokens)
+        return time.perf_counter() - t0
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams | None = None) -> GenerationResult:
         """Generate for one prompt and return the whole result."""

@@ -190,6 +190,46 @@ class SampleOutput:
     top_logprobs: list[list[tuple[int, float]] | None]
 
 
+class PendingSample:
+    """One step's sampling graph (from :meth:`Sampler.draw`): ``tokens`` is a lazy int32
+    ``[B]`` array; :meth:`resolve` evaluates it and returns the host values."""
+
+    def __init__(self, tokens: Any, next_keys: Any, chosen: Any, top_idx: Any, top_val: Any,
+                 lp_rows: list[int], params: list[SamplingParams], states: list[SamplingState]) -> None:
+        self.tokens = tokens
+        self.next_keys = next_keys
+        self.chosen, self.top_idx, self.top_val = chosen, top_idx, top_val
+        self.lp_rows, self.params, self.states = lp_rows, params, states
+
+    def resolve(self, *, update: bool = True) -> SampleOutput:
+        """Evaluate; with ``update`` each state records its token and advances its key."""
+        import mlx.core as mx
+
+        tokens, next_keys, chosen, top_idx, top_val = self.tokens, self.next_keys, self.chosen, self.top_idx, self.top_val
+        lp_rows, params, states, batch = self.lp_rows, self.params, self.states, len(self.states)
+        mx.eval(tokens, next_keys, *(a for a in (chosen, top_idx, top_val) if a is not None))
+
+        token_list = tokens.tolist()
+        out = SampleOutput(tokens=token_list, logprobs=[None] * batch, top_logprobs=[None] * batch)
+        if chosen is not None:
+            chosen_list = chosen.tolist()
+            idx_rows = top_idx.tolist() if top_idx is not None else None
+            val_rows = top_val.tolist() if top_val is not None else None
+            for r in lp_rows:
+                out.logprobs[r] = chosen_list[r]
+                n = params[r].logprobs or 0
+                if n and idx_rows is not None and val_rows is not None:
+                    pairs = sorted(zip(idx_rows[r], val_rows[r]), key=lambda iv: (-iv[1], iv[0]))
+                    out.top_logprobs[r] = pairs[:n]
+                else:
+                    out.top_logprobs[r] = []
+        if update:
+            for r, st in enumerate(states):
+                st.key = next_keys[r]
+                st.append(token_list[r])
+        return out
+
+
 def _row_take(x: mx.array, rows: list[int], batch: int) -> mx.array:
     import mlx.core as mx
 
@@ -236,6 +276,14 @@ class Sampler:
         self, logits: mx.array, states: Sequence[SamplingState], *, update: bool = True
     ) -> SampleOutput:
         """Sample one token per row; with ``update`` each state records its token and key."""
+        return self.draw(logits, states).resolve(update=update)
+
+    def draw(self, logits: mx.array, states: Sequence[SamplingState]) -> PendingSample:
+        """The sampling graph of one step, not evaluated yet (see :class:`PendingSample`).
+
+        Why split: a decoder can feed ``tokens`` (lazy) into the next forward and start the
+        GPU on it before the host reads this step's tokens, hiding the host's work behind
+        the device's (what mlx-lm calls async generation)."""
         import mlx.core as mx
 
         if logits.ndim != 2:
@@ -280,27 +328,7 @@ class Sampler:
             if n_top:
                 top_idx = mx.argpartition(-logprobs, kth=n_top - 1, axis=-1)[:, :n_top]
                 top_val = mx.take_along_axis(logprobs, top_idx, axis=-1)
-        mx.eval(tokens, next_keys, *(a for a in (chosen, top_idx, top_val) if a is not None))
-
-        token_list = tokens.tolist()
-        out = SampleOutput(tokens=token_list, logprobs=[None] * batch, top_logprobs=[None] * batch)
-        if chosen is not None:
-            chosen_list = chosen.tolist()
-            idx_rows = top_idx.tolist() if top_idx is not None else None
-            val_rows = top_val.tolist() if top_val is not None else None
-            for r in lp_rows:
-                out.logprobs[r] = chosen_list[r]
-                n = params[r].logprobs or 0
-                if n and idx_rows is not None and val_rows is not None:
-                    pairs = sorted(zip(idx_rows[r], val_rows[r]), key=lambda iv: (-iv[1], iv[0]))
-                    out.top_logprobs[r] = pairs[:n]
-                else:
-                    out.top_logprobs[r] = []
-        if update:
-            for r, st in enumerate(states):
-                st.key = next_keys[r]
-                st.append(token_list[r])
-        return out
+        return PendingSample(tokens, next_keys, chosen, top_idx, top_val, lp_rows, params, list(states))
 
     @staticmethod
     def process_logits(logits: mx.array, states: Sequence[SamplingState]) -> mx.array:

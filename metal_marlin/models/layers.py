@@ -23,6 +23,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_map_with_path
 
+from metal_marlin import device
+from metal_marlin.kernels import fused_int4_available, int4_gemv, int4_gemv_supported
+from metal_marlin.kernels.gemv import MLX_MIN_ROWS
+
 NATIVE_GROUP_SIZES = (32, 64, 128)
 SUPPORTED_GROUP_SIZES = (32, 64, 128, 256)
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 8)
@@ -127,23 +131,49 @@ class QuantizedLinear(nn.Module):
         scales, biases, group = kernel_group_params(self.scales, self.biases, self.group_size)
         return mx.dequantize(self.weight, scales, biases, group_size=group, bits=self.bits).astype(mx.float32)
 
-    def __call__(self, x: mx.array) -> mx.array:
+    def _gpu_matmul(self, x: mx.array) -> mx.array:
+        """The GPU path: our fused kernel for decode rows, MLX's kernels for the rest.
+
+        The input is flattened to 2-D first: MLX's CUDA kernel re-reads the whole weight
+        for every row of a ``[B, 1, K]`` input (441 us vs 65 us for 16 rows of a
+        14336x4096 matrix on an H200), and a decode batch has exactly that shape.
+        """
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.input_dims)
+        rows = x2.shape[0]
+        if int4_gemv_supported(rows, self.input_dims, self.bits, self.group_size, x.dtype) and fused_int4_available(x.dtype):
+            y = int4_gemv(x2, self.weight, self.scales, self.biases, self.group_size)
+        else:
+            # MLX's CUDA kernel for under 8 rows re-reads the weights per row; 8 rows cost
+            # no more than one, so pad (measured: 43 us at 8 rows vs 141 us at 4 for 14336x4096).
+            pad = MLX_MIN_ROWS - rows if 1 < rows < MLX_MIN_ROWS else 0
+            if pad:
+                x2 = mx.concatenate([x2, mx.zeros((pad, self.input_dims), dtype=x2.dtype)])
+            scales, biases, group = kernel_group_params(self.scales, self.biases, self.group_size)
+            y = mx.quantized_matmul(
+                x2, self.weight, scales, biases, transpose=True, group_size=group, bits=self.bits
+            )
+            if pad:
+                y = y[:rows]
+        return y.reshape(*lead, self.output_dims)
+
+    def _cpu_matmul(self, x: mx.array) -> mx.array:
+        """The CPU path: float32 copies or dequantize + sgemm for many rows, int4 for few."""
         rows = x.size // x.shape[-1] if x.shape[-1] else 0
-        on_cpu = mx.default_device() == mx.cpu
         dense = self.get(DENSE_WEIGHT_ATTR)
-        if dense is not None and rows >= DENSE_COPY_MIN_ROWS and on_cpu:
+        if dense is not None and rows >= DENSE_COPY_MIN_ROWS:
             # See cache_dense_cpu_weights: sgemm on a cached float copy.
-            y = (x.astype(mx.float32) @ dense.T).astype(x.dtype)
-        elif rows >= DENSE_ROWS_ON_CPU and on_cpu:
+            return (x.astype(mx.float32) @ dense.T).astype(x.dtype)
+        if rows >= DENSE_ROWS_ON_CPU:
             # MLX's CPU quantized_matmul is a scalar kernel whose cost grows linearly with
             # rows; for prefill and evaluation, dequantizing once and calling sgemm is
             # ~7x faster here. Decode batches (few rows) keep the int4 kernel.
-            y = x @ self.dequantized_weight().T.astype(x.dtype)
-        else:
-            scales, biases, group = kernel_group_params(self.scales, self.biases, self.group_size)
-            y = mx.quantized_matmul(
-                x, self.weight, scales, biases, transpose=True, group_size=group, bits=self.bits
-            )
+            return x @ self.dequantized_weight().T.astype(x.dtype)
+        scales, biases, group = kernel_group_params(self.scales, self.biases, self.group_size)
+        return mx.quantized_matmul(x, self.weight, scales, biases, transpose=True, group_size=group, bits=self.bits)
+
+    def __call__(self, x: mx.array) -> mx.array:
+        y = self._gpu_matmul(x) if device.on_gpu() else self._cpu_matmul(x)
         if "salient_weight" in self:
             y = y + mx.take(x, self.salient_indices, axis=-1) @ self.salient_weight.T
         if "bias" in self:

@@ -31,6 +31,8 @@ import mlx.core as mx
 import mlx.nn as nn
 import numpy as np
 
+from metal_marlin import device
+
 from .cache import DEFAULT_STEP, KVCache, make_cache
 from .layers import DENSE_COPY_MIN_ROWS, DENSE_WEIGHT_ATTR
 
@@ -412,7 +414,7 @@ class LlamaModel(nn.Module):
         embed = self.model.embed_tokens
         if "lm_head" in self:
             out = self.lm_head(h)
-        elif DENSE_WEIGHT_ATTR in embed and h.size // h.shape[-1] >= DENSE_COPY_MIN_ROWS and mx.default_device() == mx.cpu:
+        elif DENSE_WEIGHT_ATTR in embed and h.size // h.shape[-1] >= DENSE_COPY_MIN_ROWS and not device.on_gpu():
             out = h.astype(mx.float32) @ embed[DENSE_WEIGHT_ATTR].T  # see cache_dense_cpu_weights
         else:
             out = embed.as_linear(h)

@@ -1,0 +1,158 @@
+"""The fused int4 kernel against MLX's ``quantized_matmul``, and where a decode step's time goes.
+
+Run on the GPU (`scripts/device_setup.sh` says how to get MLX there)::
+
+    python bench/gpu_kernels.py --out $OUT/kernels.json
+
+1. Agreement of the fused kernel with MLX (relative error, per activation dtype).
+2. Per weight shape of Llama-3-8B and SmolLM2 and per row count M: microseconds and
+   effective weight bandwidth of the fused kernel, of MLX with a 2-D input ``[M, K]`` and
+   with the 3-D input ``[M, 1, K]`` a decode batch passes; alternated, medians.
+3. Device copy bandwidth (bytes read + written), the ceiling for (2).
+4. One decode step of a random-weight 8B-shaped model at batch 1/16/128, fused kernels on
+   and off: Python graph-building time alone, and the whole step.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import mlx.core as mx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import describe_gpu, describe_machine  # noqa: E402
+from _models import llama_config, quantized_weight_bytes, random_quantized_llama  # noqa: E402
+
+from metal_marlin.kernels import gemv  # noqa: E402
+
+SHAPES = {  # (K, N): in, out
+    "8b.q_o": (4096, 4096), "8b.k_v": (4096, 1024), "8b.gate_up": (4096, 14336),
+    "8b.down": (14336, 4096), "8b.lm_head": (4096, 128256),
+    "smollm.q_o": (576, 576), "smollm.k_v": (576, 192), "smollm.gate_up": (576, 1536), "smollm.down": (1536, 576),
+}
+
+
+def timed(fn: Callable[[], Any], repeats: int, inner: int) -> float:
+    """Median seconds of one call of ``fn`` (``inner`` calls evaluated together)."""
+    mx.eval(fn())
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        mx.eval([fn() for _ in range(inner)])
+        samples.append((time.perf_counter() - t0) / inner)
+    return statistics.median(samples)
+
+
+def bandwidth(nbytes: int, repeats: int) -> dict[str, float]:
+    x = mx.ones((nbytes // 4,), dtype=mx.float32)
+    mx.eval(x)
+    t = timed(lambda: x * 1.5, repeats, 4)
+    return {"bytes": nbytes, "seconds": t, "bytes_per_s": 2 * nbytes / t}
+
+
+def microbench(dtype: mx.Dtype, rows_list: list[int], repeats: int) -> list[dict[str, Any]]:
+    out = []
+    for name, (k, n) in SHAPES.items():
+        w = gemv.random_words((n, k // 8))
+        scales = mx.random.uniform(0.001, 0.002, (n, k // 64)).astype(dtype)
+        biases = -8 * scales
+        mx.eval(w, scales, biases)
+        wbytes = w.nbytes + scales.nbytes + biases.nbytes
+        for rows in rows_list:
+            x = mx.random.normal((rows, k)).astype(dtype)
+            x3 = x.reshape(rows, 1, k)
+            mx.eval(x, x3)
+            variants = {
+                "mlx_2d": lambda: mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=64, bits=4),
+                "mlx_3d": lambda: mx.quantized_matmul(x3, w, scales, biases, transpose=True, group_size=64, bits=4),
+            }
+            if gemv.int4_gemv_supported(rows, k, 4, 64, dtype):
+                variants["fused"] = lambda: gemv.int4_gemv(x, w, scales, biases, 64)
+            times: dict[str, list[float]] = {v: [] for v in variants}
+            for _ in range(repeats):  # alternate the variants
+                for v, fn in variants.items():
+                    times[v].append(timed(fn, 1, 20))
+            row = {"shape": name, "K": k, "N": n, "rows": rows, "weight_bytes": wbytes}
+            for v, ts in times.items():
+                t = statistics.median(ts)
+                row[f"{v}_us"] = t * 1e6
+                row[f"{v}_GBps"] = wbytes / t / 1e9
+            out.append(row)
+            print(json.dumps(row), flush=True)
+    return out
+
+
+def decode_step_profile(cfg_overrides: dict[str, Any], batches: list[int], repeats: int) -> dict[str, Any]:
+    """Graph-building and whole-step time of one decode step, fused kernels on and off."""
+    cfg = llama_config(**cfg_overrides)
+    t0 = time.perf_counter()
+    model = random_quantized_llama(cfg, mx.float16)
+    result: dict[str, Any] = {"build_s": time.perf_counter() - t0, **quantized_weight_bytes(model), "steps": []}
+    for batch in batches:
+        cache = model.make_cache()
+        prompt = mx.random.randint(0, cfg.vocab_size, (batch, 64))
+        mx.eval(model(prompt, cache))
+        tokens = mx.random.randint(0, cfg.vocab_size, (batch, 1))
+        for fused in (True, False):
+            gemv.set_fused_kernels(fused)
+
+            def step() -> mx.array:
+                logits = model(tokens, cache)
+                for c in cache:
+                    c.trim(1)
+                return logits
+
+            mx.eval(step())  # warm-up (kernel compilation)
+            build, whole = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                logits = step()
+                t1 = time.perf_counter()
+                mx.eval(logits)
+                t2 = time.perf_counter()
+                build.append(t1 - t0)
+                whole.append(t2 - t0)
+            row = {"batch": batch, "fused": fused, "graph_build_ms": statistics.median(build) * 1e3,
+                   "step_ms": statistics.median(whole) * 1e3}
+            row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
+            result["steps"].append(row)
+            print(json.dumps(row), flush=True)
+        gemv.set_fused_kernels(True)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--rows", default="1,2,4,8,16")
+    parser.add_argument("--batches", default="1,16,128")
+    parser.add_argument("--layers", type=int, default=32)
+    args = parser.parse_args()
+    report: dict[str, Any] = {"machine": describe_machine(), "gpu": describe_gpu(), "command": " ".join(["python", *sys.argv])}
+
+    def save() -> None:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+    report["self_check"] = {str(d): gemv.self_check(d) for d in gemv.FUSED_DTYPES}
+    print(report["self_check"], flush=True)
+    report["bandwidth"] = bandwidth(2 << 30, args.repeats)
+    print(report["bandwidth"], flush=True)
+    save()
+    rows = [int(r) for r in args.rows.split(",")]
+    report["microbench"] = {}
+    for dtype in (mx.float16, mx.bfloat16):
+        report["microbench"][str(dtype)] = microbench(dtype, rows, args.repeats)
+        save()
+    report["decode_step"] = decode_step_profile({"num_hidden_layers": args.layers}, [int(b) for b in args.batches.split(",")], args.repeats)
+    save()
+
+
+if __name__ == "__main__":
+    main()

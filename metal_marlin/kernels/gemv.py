@@ -1,0 +1,428 @@
+"""Fused int4 matrix-vector kernel for decoding: ``y[M, N] = x[M, K] @ dequant(W)[N, K].T``.
+
+Why our own: a decode step multiplies one row per sequence by every weight matrix, so its
+speed is the speed at which the packed weights stream from memory. MLX's CUDA
+``quantized_matmul`` reads them at 0.4-0.5 TB/s for one row on an H200 (4.8 TB/s): 15% of
+the bound (``shared/gpu/README.md``). This kernel is written for that one job.
+
+Layout: MLX's affine layout, which is our native format: ``W`` uint32 ``[N, K/8]`` packed
+along K, nibble ``i`` of a word is element ``8*word + i``; ``scales``/``biases`` ``[N, K/G]``
+in the activation dtype; ``w = scale*q + bias``.
+
+Design (the same on CUDA and Metal):
+
+* A *sub-warp* of ``LW`` lanes (8, 16 or 32: enough that every lane has work for short
+  rows like SmolLM2's K=576) walks one output row in 128-bit chunks (32 weights, one
+  16-byte load), ``UNROLL`` loads issued before any math, so a warp's loads are
+  contiguous, many are in flight, and every byte of ``W`` is read exactly once. Matrices
+  with few rows split each row over ``KS`` sub-warps (summed in shared memory) so that
+  the grid still fills the GPU.
+* The group's bias term needs only ``Σx``: ``Σ x*(s*q + b) = s*Σ x*q + b*Σ x``, so a
+  weight costs one multiply-add.
+* Nibbles become floats without int-to-float conversions (quarter rate on Hopper): the
+  nibble is placed in the low mantissa byte of ``2**23`` (``0x4B0000qq`` is exactly
+  ``2**23 + q``) by a byte permute, and ``2**23`` subtracted. Accumulation is float32.
+* A lane-level reduction (shuffle xor within the sub-warp) ends each row.
+* ``M`` (rows of ``x``, the sequences of a small decode batch) is a compile-time constant,
+  so the weights are still read once for all ``M`` rows.
+
+Beyond ``FUSED_MAX_ROWS`` rows the matrix-matrix kernels of MLX are the better tool and
+:class:`~metal_marlin.models.layers.QuantizedLinear` uses them (with a 2-D input: a
+``[B, 1, K]`` input makes MLX's CUDA kernel re-read the weights per row).
+
+Safety: the first use per activation dtype runs a self-check against MLX's own
+dequantize + matmul on small odd shapes (tails, every sub-warp width). A kernel that fails
+to compile or to agree is disabled for the process with a warning, and MLX's kernel
+serves instead; ``MM_FUSED_KERNELS=0`` disables the kernels outright.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+
+import mlx.core as mx
+
+log = logging.getLogger("metal_marlin.kernels")
+
+FUSED_MAX_ROWS = 4
+"""Most rows of ``x`` the fused kernel takes. Measured on an H200 (bench/gpu_kernels.py):
+its cost grows with the rows (``x`` is re-read per row), while MLX's matrix-matrix kernel
+costs the same from 8 rows on; between the two, rows are padded to 8 for MLX's kernel."""
+
+MLX_MIN_ROWS = 8
+"""MLX's CUDA kernel for fewer rows re-reads the weights per row; pad up to this many."""
+
+FUSED_GROUP_SIZES = (32, 64, 128, 256)
+FUSED_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
+THREADS_PER_BLOCK = 256
+TARGET_THREADS = 132 * 2048
+UNROLL = 4
+ENV_SWITCH = "MM_FUSED_KERNELS"
+
+_CUDA_HEADER = r"""
+__device__ __forceinline__ void mm_load32(const float* p, float* f) {
+  const float4* v = reinterpret_cast<const float4*>(p);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    float4 a = v[i];
+    f[4 * i] = a.x; f[4 * i + 1] = a.y; f[4 * i + 2] = a.z; f[4 * i + 3] = a.w;
+  }
+}
+__device__ __forceinline__ void mm_load32(const __half* p, float* f) {
+  const uint4* v = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint4 a = v[i];
+    const __half2* h = reinterpret_cast<const __half2*>(&a);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float2 t = __half22float2(h[j]);
+      f[8 * i + 2 * j] = t.x; f[8 * i + 2 * j + 1] = t.y;
+    }
+  }
+}
+__device__ __forceinline__ void mm_load32(const __nv_bfloat16* p, float* f) {
+  const uint4* v = reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    uint4 a = v[i];
+    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&a);
+#pragma unroll
+    for (int j = 0; j < 4; ++j) {
+      float2 t = __bfloat1622float2(h[j]);
+      f[8 * i + 2 * j] = t.x; f[8 * i + 2 * j + 1] = t.y;
+    }
+  }
+}
+// sum_i x[i] * q[i] over the 32 nibbles of one 128-bit chunk.
+__device__ __forceinline__ float mm_dot32(const uint4& q, const float* xf) {
+  const uint32_t words[4] = {q.x, q.y, q.z, q.w};
+  float d0 = 0.f, d1 = 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t lo = words[j] & 0x0F0F0F0Fu;         // nibbles 0, 2, 4, 6
+    const uint32_t hi = (words[j] >> 4) & 0x0F0F0F0Fu;  // nibbles 1, 3, 5, 7
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      const float a = __uint_as_float(__byte_perm(lo, 0x4B000000u, 0x7540u + k)) - 8388608.0f;
+      const float b = __uint_as_float(__byte_perm(hi, 0x4B000000u, 0x7540u + k)) - 8388608.0f;
+      d0 = fmaf(xf[8 * j + 2 * k], a, d0);
+      d1 = fmaf(xf[8 * j + 2 * k + 1], b, d1);
+    }
+  }
+  return d0 + d1;
+}
+"""
+
+_CUDA_SOURCE = r"""
+  // One output row per group of KS sub-warps of LW lanes; the KS sub-warps split K.
+  const int tid = threadIdx.x;
+  const int lane = tid % LW;
+  const int sub = tid / LW;
+  constexpr int SUBS = BLOCK / LW;
+  const int row = blockIdx.x * (SUBS / KS) + sub / KS;
+  const int ks = sub % KS;
+  const int n_out = w_shape[0];
+  const int chunks = w_shape[1] / 4;
+  const int K = chunks * 32;
+  const int groups = K / G;
+  const int per_split = (chunks + KS - 1) / KS;
+  const int c_begin = ks * per_split;
+  const int c_end = min(c_begin + per_split, chunks);
+  const size_t rr = (size_t)min(row, n_out - 1);  // no early return: shuffles and barriers need everyone
+  const uint4* wrow = reinterpret_cast<const uint4*>(w) + rr * chunks;
+  const T* srow = scales + rr * groups;
+  const T* brow = biases + rr * groups;
+  float acc[M];
+#pragma unroll
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int c0 = c_begin + lane; c0 < c_end; c0 += UNROLL * LW) {
+    uint4 q[UNROLL];
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {  // all loads first: UNROLL x 16 bytes in flight per lane
+      const int c = c0 + u * LW;
+      q[u] = c < c_end ? __ldg(wrow + c) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < UNROLL; ++u) {
+      const int c = c0 + u * LW;
+      if (c < c_end) {
+        const int g = (c * 32) / G;
+        const float s = static_cast<float>(srow[g]);
+        const float b = static_cast<float>(brow[g]);
+#pragma unroll
+        for (int m = 0; m < M; ++m) {
+          float xf[32];
+          mm_load32(x + (size_t)m * K + (size_t)c * 32, xf);
+          float xs = 0.f;
+#pragma unroll
+          for (int i = 0; i < 32; ++i) xs += xf[i];
+          acc[m] += s * mm_dot32(q[u], xf) + b * xs;
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < M; ++m) {
+#pragma unroll
+    for (int off = LW / 2; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
+  }
+  if constexpr (KS == 1) {
+    if (lane == 0 && row < n_out) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) y[(size_t)m * n_out + row] = static_cast<T>(acc[m]);
+    }
+  } else {
+    __shared__ float part[SUBS][M];
+    if (lane == 0) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) part[sub][m] = acc[m];
+    }
+    __syncthreads();
+    if (ks == 0 && lane == 0 && row < n_out) {
+#pragma unroll
+      for (int m = 0; m < M; ++m) {
+        float t = 0.f;
+#pragma unroll
+        for (int j = 0; j < KS; ++j) t += part[sub + j][m];
+        y[(size_t)m * n_out + row] = static_cast<T>(t);
+      }
+    }
+  }
+"""
+
+_METAL_HEADER = r"""
+// sum_i x[i] * q[i] over the 32 nibbles of one 128-bit chunk (see the CUDA twin).
+inline float mm_dot32(uint4 q, thread const float* xf) {
+  float d0 = 0.f, d1 = 0.f;
+  for (int j = 0; j < 4; ++j) {
+    const uint wd = q[j];
+    for (int k = 0; k < 4; ++k) {
+      const float a = as_type<float>(0x4B000000u | ((wd >> (8 * k)) & 0xFu)) - 8388608.0f;
+      const float b = as_type<float>(0x4B000000u | ((wd >> (8 * k + 4)) & 0xFu)) - 8388608.0f;
+      d0 = fma(xf[8 * j + 2 * k], a, d0);
+      d1 = fma(xf[8 * j + 2 * k + 1], b, d1);
+    }
+  }
+  return d0 + d1;
+}
+"""
+
+_METAL_SOURCE = r"""
+  const int tid = int(thread_position_in_threadgroup.x);
+  const int lane = tid % LW;
+  const int sub = tid / LW;
+  constexpr int SUBS = BLOCK / LW;
+  const int row = int(threadgroup_position_in_grid.x) * (SUBS / KS) + sub / KS;
+  const int ks = sub % KS;
+  const int n_out = int(w_shape[0]);
+  const int chunks = int(w_shape[1]) / 4;
+  const int K = chunks * 32;
+  const int groups = K / G;
+  const int per_split = (chunks + KS - 1) / KS;
+  const int c_begin = ks * per_split;
+  const int c_end = min(c_begin + per_split, chunks);
+  const size_t rr = (size_t)min(row, n_out - 1);
+  const device uint4* wrow = (const device uint4*)w + rr * chunks;
+  float acc[M];
+  for (int m = 0; m < M; ++m) acc[m] = 0.f;
+  for (int c = c_begin + lane; c < c_end; c += LW) {
+    const uint4 q = wrow[c];
+    const int g = (c * 32) / G;
+    const float s = float(scales[rr * groups + g]);
+    const float b = float(biases[rr * groups + g]);
+    for (int m = 0; m < M; ++m) {
+      float xf[32];
+      float xs = 0.f;
+      for (int i = 0; i < 32; ++i) {
+        xf[i] = float(x[(size_t)m * K + (size_t)c * 32 + i]);
+        xs += xf[i];
+      }
+      acc[m] += s * mm_dot32(q, xf) + b * xs;
+    }
+  }
+  for (int m = 0; m < M; ++m)
+    for (ushort off = LW / 2; off > 0; off >>= 1) acc[m] += simd_shuffle_xor(acc[m], off);
+  threadgroup float part[SUBS][M];
+  if (lane == 0)
+    for (int m = 0; m < M; ++m) part[sub][m] = acc[m];
+  threadgroup_barrier(mem_flags::mem_threadgroup);
+  if (ks == 0 && lane == 0 && row < n_out) {
+    for (int m = 0; m < M; ++m) {
+      float t = 0.f;
+      for (int j = 0; j < KS; ++j) t += part[sub + j][m];
+      y[(size_t)m * n_out + row] = T(t);
+    }
+  }
+"""
+
+_INPUTS = ["x", "w", "scales", "biases"]
+
+
+def gpu_kernel_backend() -> str | None:
+    """``"cuda"``/``"metal"`` when MLX computes on such a GPU now, else None."""
+    if mx.default_device().type != mx.DeviceType.gpu:
+        return None
+    cuda = getattr(mx, "cuda", None)
+    if cuda is not None and cuda.is_available():
+        return "cuda"
+    if mx.metal.is_available():
+        return "metal"
+    return None
+
+
+@lru_cache(maxsize=None)
+def _kernel(backend: str):
+    """The compiled-on-demand kernel object (MLX caches each template instance)."""
+    if backend == "cuda":
+        return mx.fast.cuda_kernel(
+            name="mm_int4_gemv", input_names=_INPUTS, output_names=["y"],
+            source=_CUDA_SOURCE, header=_CUDA_HEADER,
+        )
+    return mx.fast.metal_kernel(
+        name="mm_int4_gemv", input_names=_INPUTS, output_names=["y"],
+        source=_METAL_SOURCE, header=_METAL_HEADER,
+    )
+
+
+def launch_shape(rows: int, in_features: int, out_features: int) -> tuple[int, int, int]:
+    """``(LW, KS, threads)``: lanes per sub-warp, sub-warps per output row, grid in threads.
+
+    Memory bandwidth needs many loads in flight: about ``TARGET_THREADS`` threads (132
+    SMs x 2048 on an H200) each with a few 16-byte loads. LW is the widest sub-warp whose
+    lanes all get a chunk (K/32 chunks per row); a short matrix (few rows N) splits each
+    row over KS sub-warps (summed in shared memory) until the grid is that large, as long
+    as every lane keeps at least one chunk. ``rows`` (of ``x``) does not change the shape.
+    """
+    chunks = in_features // 32
+    lw = 32 if chunks >= 64 else 16 if chunks >= 24 else 8
+    ks = 1
+    while ks < THREADS_PER_BLOCK // lw and out_features * lw * ks < TARGET_THREADS and chunks // (2 * ks) >= lw:
+        ks *= 2
+    rows_per_block = THREADS_PER_BLOCK // lw // ks
+    blocks = -(-out_features // rows_per_block)
+    return lw, ks, blocks * THREADS_PER_BLOCK
+
+
+def int4_gemv_supported(rows: int, in_features: int, bits: int, group_size: int, dtype: mx.Dtype) -> bool:
+    """Whether the kernel computes this product (else MLX's kernels do)."""
+    return (
+        bits == 4
+        and 1 <= rows <= FUSED_MAX_ROWS
+        and group_size in FUSED_GROUP_SIZES
+        and in_features % group_size == 0
+        and in_features % 32 == 0
+        and dtype in FUSED_DTYPES
+    )
+
+
+def int4_gemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> mx.array:
+    """``x [M, K] @ dequant(w, scales, biases).T`` -> ``[M, N]`` in ``x.dtype`` on the GPU.
+
+    The caller checks :func:`int4_gemv_supported` and :func:`fused_int4_available`.
+    Scales and biases are used in ``x.dtype`` (MLX's convention).
+    """
+    backend = gpu_kernel_backend()
+    if backend is None:
+        raise RuntimeError("int4_gemv runs on a CUDA or Metal GPU only")
+    rows, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] * 8 != k:
+        raise ValueError(f"int4_gemv: x has {k} columns, the packed weight holds {w.shape[1] * 8}")
+    lw, ks, threads = launch_shape(rows, k, n)
+    if scales.dtype != x.dtype:
+        scales, biases = scales.astype(x.dtype), biases.astype(x.dtype)
+    (y,) = _kernel(backend)(
+        inputs=[x, w, scales, biases],
+        template=[("T", x.dtype), ("M", rows), ("G", group_size), ("LW", lw), ("KS", ks), ("BLOCK", THREADS_PER_BLOCK), ("UNROLL", UNROLL)],
+        grid=(threads, 1, 1),
+        threadgroup=(THREADS_PER_BLOCK, 1, 1),
+        output_shapes=[(rows, n)],
+        output_dtypes=[x.dtype],
+    )
+    return y
+
+
+def random_words(shape: tuple[int, ...], key: mx.array | None = None) -> mx.array:
+    """Uniformly random uint32 words (every nibble 0..15): packed codes for tests and benchmarks."""
+    halves = mx.random.randint(0, 1 << 16, (2, *shape), key=key).astype(mx.uint32)
+    return halves[0] * (1 << 16) + halves[1]
+
+
+def unpack_reference(w: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> mx.array:
+    """``[N, K]`` float32 weights from MLX's 4-bit layout with plain shifts and masks.
+
+    Independent of ``mx.dequantize`` on purpose: the self-check must not trust the
+    backend it is checking against.
+    """
+    n, words = w.shape
+    shifts = mx.arange(8, dtype=mx.uint32) * 4
+    codes = ((w[:, :, None] >> shifts) & 0xF).reshape(n, words * 8).astype(mx.float32)
+    s = mx.repeat(scales.astype(mx.float32), group_size, axis=1)
+    b = mx.repeat(biases.astype(mx.float32), group_size, axis=1)
+    return codes * s + b
+
+
+def _reference(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, group_size: int) -> mx.array:
+    return x.astype(mx.float32) @ unpack_reference(w, scales, biases, group_size).T
+
+
+def self_check(dtype: mx.Dtype) -> float:
+    """Largest relative error of the kernel against MLX on small awkward shapes.
+
+    Shapes cover every sub-warp width (K/32 = 8, 48, 96 chunks), row tails (N not a
+    multiple of the rows per block), 1 and several ``x`` rows, group sizes 32-256.
+    """
+    key = mx.random.key(7)
+    worst = 0.0
+    for rows, k, n, group in ((1, 256, 37, 64), (3, 1536, 50, 128), (1, 3072, 19, 256), (4, 4096, 64, 32), (2, 576, 41, 64), (1, 14336, 24, 64)):
+        kx, kw, ks, key = mx.random.split(key, 4)
+        x = mx.random.normal((rows, k), key=kx).astype(dtype)
+        w = random_words((n, k // 8), key=kw)
+        scales = (mx.random.uniform(0.01, 0.02, (n, k // group), key=ks)).astype(dtype)
+        biases = (-8 * scales.astype(mx.float32)).astype(dtype)
+        got = int4_gemv(x, w, scales, biases, group).astype(mx.float32)
+        want = _reference(x, w, scales, biases, group)
+        scale = float(mx.max(mx.abs(want)).item()) or 1.0
+        worst = max(worst, float(mx.max(mx.abs(got - want)).item()) / scale)
+    return worst
+
+
+_TOLERANCE = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 2e-2}
+_checked: dict[tuple[str, mx.Dtype], bool] = {}
+_enabled = os.environ.get(ENV_SWITCH, "1") != "0"
+
+
+def set_fused_kernels(enabled: bool) -> bool:
+    """Turn the fused kernels on or off for this process (benchmarks compare both);
+    returns the previous setting. The default comes from ``MM_FUSED_KERNELS``."""
+    global _enabled
+    previous, _enabled = _enabled, bool(enabled)
+    return previous
+
+
+def fused_int4_available(dtype: mx.Dtype) -> bool:
+    """Whether the fused kernel serves ``dtype`` activations on the current device.
+
+    False on the CPU, when switched off (``MM_FUSED_KERNELS=0``, :func:`set_fused_kernels`), or when the self-check (run once per
+    backend and dtype) failed to compile or to agree with MLX.
+    """
+    if not _enabled or dtype not in FUSED_DTYPES:
+        return False
+    backend = gpu_kernel_backend()
+    if backend is None:
+        return False
+    key = (backend, dtype)
+    if key not in _checked:
+        try:
+            error = self_check(dtype)
+            ok = error <= _TOLERANCE[dtype]
+            if not ok:
+                log.warning("fused int4 kernel (%s, %s) disagrees with MLX (rel. error %.2e); using MLX's kernel", backend, dtype, error)
+        except Exception as exc:  # compile failure on an untested toolchain: fall back, say why
+            log.warning("fused int4 kernel (%s, %s) unavailable: %s; using MLX's kernel", backend, dtype, exc)
+            ok = False
+        _checked[key] = ok
+    return _checked[key]
