@@ -121,10 +121,74 @@ def decode_step_profile(cfg_overrides: dict[str, Any], batches: list[int], repea
             row = {"batch": batch, "fused": fused, "graph_build_ms": statistics.median(build) * 1e3,
                    "step_ms": statistics.median(whole) * 1e3}
             row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
+            row.update(decode_parts(model, batch, repeats))
             result["steps"].append(row)
             print(json.dumps(row), flush=True)
         gemv.set_fused_kernels(True)
     return result
+
+
+def decode_parts(model: Any, batch: int, repeats: int) -> dict[str, float]:
+    """Milliseconds of each kind of work in one decode step, each timed on its own graph.
+
+    The parts are the step's operations on inputs of the right shapes (32 layers' worth),
+    so their sum approximates the step minus what overlaps; they say what dominates.
+    """
+    from metal_marlin.models.layers import project_stacked
+
+    cfg = model.config
+    layers = model.layers
+    h = mx.random.normal((batch, 1, cfg.hidden_size)).astype(mx.float16)
+    inner = mx.random.normal((batch, 1, cfg.intermediate_size)).astype(mx.float16)
+    ctx = mx.random.normal((batch, 1, cfg.num_attention_heads * cfg.head_dim)).astype(mx.float16)
+    caches = model.make_cache()
+    prompt = mx.random.randint(0, cfg.vocab_size, (batch, 64))
+    mx.eval(model(prompt, caches))
+
+    def matmuls() -> list[mx.array]:
+        out = []
+        for layer in layers:
+            out += project_stacked(h, (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj))
+            out.append(layer.self_attn.o_proj(ctx))
+            out += project_stacked(h, (layer.mlp.gate_proj, layer.mlp.up_proj))
+            out.append(layer.mlp.down_proj(inner))
+        return out
+
+    def head() -> mx.array:
+        return model.lm_logits(h[:, -1, :])
+
+    def attention() -> list[mx.array]:
+        out = []
+        for layer, cache in zip(layers, caches):
+            attn = layer.self_attn
+            width = attn.n_heads * attn.head_dim
+            q = h[..., :width].reshape(batch, 1, attn.n_heads, attn.head_dim).transpose(0, 2, 1, 3)
+            k = q[:, : attn.n_kv_heads]
+            q, k = attn.rope(q, cache.offset), attn.rope(k, cache.offset)
+            keys, values = cache.update_and_fetch(k, k)
+            out.append(mx.fast.scaled_dot_product_attention(q, keys, values, scale=attn.scale, mask="causal"))
+        for cache in caches:
+            cache.trim(1)
+        return out
+
+    def norms_elementwise() -> list[mx.array]:
+        out = []
+        for layer in layers:
+            a = layer.input_layernorm(h)
+            b = layer.post_attention_layernorm(h + a)
+            out.append(nn_silu(inner) * inner + 0)
+            out.append(b + a)
+        return out
+
+    parts = {"matmuls_x_layers": matmuls, "output_head": head, "rope_cache_sdpa_x_layers": attention, "norms_elementwise_x_layers": norms_elementwise}
+    result = {}
+    for name, fn in parts.items():
+        result[f"{name}_ms"] = timed(fn, repeats, 1) * 1e3
+    return result
+
+
+def nn_silu(x: mx.array) -> mx.array:
+    return x * mx.sigmoid(x)
 
 
 def main() -> None:

@@ -100,3 +100,28 @@ def test_quantized_linear_on_the_gpu_matches_dequantized_matmul(rows, group):
     want = x.astype(mx.float32) @ layer.dequantized_weight().T
     scale = float(mx.max(mx.abs(want)).item())
     assert float(mx.max(mx.abs(got - want)).item()) / scale < 4e-3
+
+
+@needs_gpu
+@pytest.mark.parametrize("rows", [1, 3, 6])
+def test_stacked_projection_equals_separate_layers(rows):
+    from metal_marlin.models.layers import project_stacked
+
+    layers = [_layer(1024, n, 64, mx.float16, seed=n) for n in (256, 64, 64)]
+    x = mx.random.normal((rows, 1, 1024)).astype(mx.float16)
+    stacked = project_stacked(x, layers)
+    for layer, got in zip(layers, stacked):
+        want = x.astype(mx.float32) @ layer.dequantized_weight().T
+        assert got.shape == (rows, 1, layer.output_dims)
+        assert float(mx.max(mx.abs(got.astype(mx.float32) - want)).item()) / float(mx.max(mx.abs(want)).item()) < 4e-3
+
+
+def test_stacked_projection_falls_back_where_the_kernel_does_not_run(monkeypatch):
+    from metal_marlin.models.layers import project_stacked
+
+    layers = [_layer(512, n, 64, seed=n) for n in (96, 32)]
+    x = mx.random.normal((2, 1, 512))
+    want = [layer(x) for layer in layers]
+    monkeypatch.setattr(device, "on_gpu", lambda: True)  # no kernel on the CPU: separate products
+    for got, ref in zip(project_stacked(x, layers), want):
+        assert mx.array_equal(got, ref)

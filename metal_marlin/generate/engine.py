@@ -47,7 +47,7 @@ import mlx.core as mx
 
 from metal_marlin import device
 from metal_marlin.generate.chat import encode_chat
-from metal_marlin.generate.sampling import SampleOutput, Sampler, SamplingParams, SamplingState
+from metal_marlin.generate.sampling import PendingSample, SampleOutput, Sampler, SamplingParams, SamplingState
 from metal_marlin.generate.stopping import StreamDelta, TokenStreamer
 from metal_marlin.models.layers import cache_dense_cpu_weights
 
@@ -412,7 +412,13 @@ class Engine:
     def sample(self, logits: mx.array, seqs: Sequence[SequenceState]) -> list[StreamEvent]:
         """Sample one token per row of ``logits`` for ``seqs`` and turn each into an event."""
         with self.lock:
-            out = self.sampler.sample(logits, [s.sampling_state() for s in seqs])
+            pending = self.sampler.draw(logits, [s.sampling_state() for s in seqs])
+        return self.events(pending, seqs)
+
+    def events(self, pending: PendingSample, seqs: Sequence[SequenceState]) -> list[StreamEvent]:
+        """Resolve a drawn sample (waits for the device) and turn each row into an event."""
+        with self.lock:
+            out = pending.resolve()
         events = []
         for row, (seq, token) in enumerate(zip(seqs, out.tokens)):
             seq.last_token = token
@@ -446,10 +452,7 @@ class Engine:
                 pending = self.sampler.draw(logits, [seq.sampling_state()])
                 logits = self.forward_last(pending.tokens.reshape(1, 1), cache)
                 mx.async_eval(logits)
-                out = pending.resolve()
-            token = out.tokens[0]
-            seq.last_token = token
-            ev = seq.event(token, out, 0, seq.streamer.push(token))
+            (ev,) = self.events(pending, [seq])
             yield ev
             if ev.finished:
                 return

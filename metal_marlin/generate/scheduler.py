@@ -139,6 +139,16 @@ class _DecodeBatch:
         self.rows: list[_Request] = []
         self.pads: list[int] = []
         self.caches: list[BatchKVCache] = []
+        #: Logits ``[B, V]`` of the next step, computed ahead (see ``BatchScheduler._decode``):
+        #: the caches then already hold the token they came from.
+        self.ahead: mx.array | None = None
+
+    def drop_ahead(self) -> None:
+        """Forget the step computed ahead and the token it appended to every cache."""
+        if self.ahead is not None:
+            for c in self.caches:
+                c.offset -= 1
+            self.ahead = None
 
     @property
     def offset(self) -> int:
@@ -153,6 +163,7 @@ class _DecodeBatch:
 
     def add(self, req: _Request, row_cache: Sequence[Any]) -> None:
         """Merge a prefilled request (its own per-layer caches) into the batch."""
+        self.drop_ahead()  # the new row has no logits ahead: recompute the step for all rows
         length = row_cache[0].offset
         if not self.rows:
             cap = self._capacity(length)
@@ -180,12 +191,14 @@ class _DecodeBatch:
         gone = set(indices)
         keep = [i for i in range(len(self.rows)) if i not in gone]
         if not keep:
-            self.rows, self.pads, self.caches = [], [], []
+            self.rows, self.pads, self.caches, self.ahead = [], [], [], None
             return
         self.rows = [self.rows[i] for i in keep]
         self.pads = [self.pads[i] for i in keep]
         cut = min(self.pads)
         idx = mx.array(keep, dtype=mx.int32)
+        if self.ahead is not None:
+            self.ahead = self.ahead[idx]
         for bc in self.caches:
             bc.keys = bc.keys[idx][:, :, cut:, :]
             bc.values = bc.values[idx][:, :, cut:, :]
@@ -505,14 +518,28 @@ class BatchScheduler:
             req.cache = None
 
     def _decode(self) -> None:
+        """One batched decode step, computed one step ahead of the host when it can be.
+
+        The sampled tokens (lazy) feed the next step's forward, which goes to the device
+        with ``mx.async_eval`` before the host reads them, so building the next graph and
+        streaming the events overlap the device's work. A step computed ahead is kept when
+        rows leave (its rows are selected) and recomputed when a row joins.
+        """
         engine, batch = self.engine, self._batch
         rows = list(batch.rows)
         t0 = time.perf_counter()
         try:
             with engine.lock:
-                tokens = mx.array([[r.seq.last_token] for r in rows], dtype=mx.int32)
-                logits = engine.forward_last(tokens, batch.caches, left_padding=list(batch.pads))
-            events = engine.sample(logits, [r.seq for r in rows])
+                logits = batch.ahead
+                if logits is None:
+                    tokens = mx.array([[r.seq.last_token] for r in rows], dtype=mx.int32)
+                    logits = engine.forward_last(tokens, batch.caches, left_padding=list(batch.pads))
+                batch.ahead = None
+                pending = engine.sampler.draw(logits, [r.seq.sampling_state() for r in rows])
+                if not self._admission_pending():
+                    batch.ahead = engine.forward_last(pending.tokens[:, None], batch.caches, left_padding=list(batch.pads))
+                    mx.async_eval(batch.ahead)
+            events = engine.events(pending, [r.seq for r in rows])
         except Exception as exc:
             self._batch = _DecodeBatch()
             self._fail(rows, exc)
@@ -531,6 +558,12 @@ class BatchScheduler:
         if done:
             with engine.lock:
                 batch.remove(done)
+
+    def _admission_pending(self) -> bool:
+        """Whether a request may join the batch next step (a step computed ahead would be redone)."""
+        if len(self._batch) + len(self._prefilling) >= self.max_batch_size:
+            return False
+        return bool(self._incoming or self._waiting or self._prefilling)
 
     def _fail(self, reqs: Sequence[_Request], exc: BaseException) -> None:
         message = f"{type(exc).__name__}: {exc}"

@@ -124,14 +124,22 @@ _CUDA_SOURCE = r"""
   constexpr int SUBS = BLOCK / LW;
   const int row = blockIdx.x * (SUBS / KS) + sub / KS;
   const int ks = sub % KS;
-  const int n_out = w_shape[0];
-  const int chunks = w_shape[1] / 4;
+  const int chunks = w0_shape[1] / 4;
   const int K = chunks * 32;
   const int groups = K / G;
   const int per_split = (chunks + KS - 1) / KS;
   const int c_begin = ks * per_split;
   const int c_end = min(c_begin + per_split, chunks);
-  const size_t rr = (size_t)min(row, n_out - 1);  // no early return: shuffles and barriers need everyone
+  // The matrices share x and are stacked along the output: pick this row's one.
+  const uint32_t* w = w0;
+  const T* scales = scales0;
+  const T* biases = biases0;
+  int local = row;
+@SELECT@
+  const int n_out = @NTOTAL@;
+  // no early return: shuffles and barriers need every thread; rows past the end recompute the last
+  const size_t rr = (size_t)(row < n_out ? local : w0_shape[0] - 1);
+  if (row >= n_out) { w = w0; scales = scales0; biases = biases0; }
   const uint4* wrow = reinterpret_cast<const uint4*>(w) + rr * chunks;
   const T* srow = scales + rr * groups;
   const T* brow = biases + rr * groups;
@@ -217,14 +225,20 @@ _METAL_SOURCE = r"""
   constexpr int SUBS = BLOCK / LW;
   const int row = int(threadgroup_position_in_grid.x) * (SUBS / KS) + sub / KS;
   const int ks = sub % KS;
-  const int n_out = int(w_shape[0]);
-  const int chunks = int(w_shape[1]) / 4;
+  const int chunks = int(w0_shape[1]) / 4;
   const int K = chunks * 32;
   const int groups = K / G;
   const int per_split = (chunks + KS - 1) / KS;
   const int c_begin = ks * per_split;
   const int c_end = min(c_begin + per_split, chunks);
-  const size_t rr = (size_t)min(row, n_out - 1);
+  const device uint32_t* w = w0;
+  const device T* scales = scales0;
+  const device T* biases = biases0;
+  int local = row;
+@SELECT@
+  const int n_out = @NTOTAL@;
+  const size_t rr = (size_t)(row < n_out ? local : int(w0_shape[0]) - 1);
+  if (row >= n_out) { w = w0; scales = scales0; biases = biases0; }
   const device uint4* wrow = (const device uint4*)w + rr * chunks;
   float acc[M];
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
@@ -258,7 +272,24 @@ _METAL_SOURCE = r"""
   }
 """
 
-_INPUTS = ["x", "w", "scales", "biases"]
+MAX_MATRICES = 3
+"""Most matrices one launch computes (q/k/v of attention; gate/up of the MLP)."""
+
+
+def _input_names(n_mats: int) -> list[str]:
+    return ["x"] + [f"{name}{i}" for i in range(n_mats) for name in ("w", "scales", "biases")]
+
+
+def _specialise(source: str, n_mats: int, cuda: bool) -> str:
+    """Fill in the row -> matrix selection for ``n_mats`` stacked matrices."""
+    shape = (lambda i: f"w{i}_shape[0]") if cuda else (lambda i: f"int(w{i}_shape[0])")
+    select, offset = [], shape(0)
+    for i in range(1, n_mats):
+        select.append(
+            f"  if (row >= {offset}) {{ w = w{i}; scales = scales{i}; biases = biases{i}; local = row - ({offset}); }}"
+        )
+        offset = f"{offset} + {shape(i)}"
+    return source.replace("@SELECT@", "\n".join(select)).replace("@NTOTAL@", offset)
 
 
 def gpu_kernel_backend() -> str | None:
@@ -274,16 +305,17 @@ def gpu_kernel_backend() -> str | None:
 
 
 @lru_cache(maxsize=None)
-def _kernel(backend: str):
-    """The compiled-on-demand kernel object (MLX caches each template instance)."""
+def _kernel(backend: str, n_mats: int):
+    """The kernel object for ``n_mats`` stacked matrices (MLX compiles each template instance on first use)."""
+    names = _input_names(n_mats)
     if backend == "cuda":
         return mx.fast.cuda_kernel(
-            name="mm_int4_gemv", input_names=_INPUTS, output_names=["y"],
-            source=_CUDA_SOURCE, header=_CUDA_HEADER,
+            name=f"mm_int4_gemv{n_mats}", input_names=names, output_names=["y"],
+            source=_specialise(_CUDA_SOURCE, n_mats, cuda=True), header=_CUDA_HEADER,
         )
     return mx.fast.metal_kernel(
-        name="mm_int4_gemv", input_names=_INPUTS, output_names=["y"],
-        source=_METAL_SOURCE, header=_METAL_HEADER,
+        name=f"mm_int4_gemv{n_mats}", input_names=names, output_names=["y"],
+        source=_specialise(_METAL_SOURCE, n_mats, cuda=False), header=_METAL_HEADER,
     )
 
 
@@ -324,18 +356,34 @@ def int4_gemv(x: mx.array, w: mx.array, scales: mx.array, biases: mx.array, grou
     The caller checks :func:`int4_gemv_supported` and :func:`fused_int4_available`.
     Scales and biases are used in ``x.dtype`` (MLX's convention).
     """
+    return int4_gemv_stacked(x, [(w, scales, biases)], group_size)
+
+
+def int4_gemv_stacked(
+    x: mx.array, matrices: list[tuple[mx.array, mx.array, mx.array]], group_size: int
+) -> mx.array:
+    """``x @ [W_0; W_1; ...].T`` in one launch -> ``[M, sum N_i]`` (split it by the ``N_i``).
+
+    For projections that read the same input (q/k/v, gate/up): one kernel and one graph
+    node instead of three, and no copy of the weights to stack them.
+    """
     backend = gpu_kernel_backend()
     if backend is None:
         raise RuntimeError("int4_gemv runs on a CUDA or Metal GPU only")
+    if not 1 <= len(matrices) <= MAX_MATRICES:
+        raise ValueError(f"int4_gemv_stacked takes 1 to {MAX_MATRICES} matrices, got {len(matrices)}")
     rows, k = x.shape
-    n = w.shape[0]
-    if w.shape[1] * 8 != k:
-        raise ValueError(f"int4_gemv: x has {k} columns, the packed weight holds {w.shape[1] * 8}")
+    inputs, n = [x], 0
+    for w, scales, biases in matrices:
+        if w.shape[1] * 8 != k:
+            raise ValueError(f"int4_gemv: x has {k} columns, a packed weight holds {w.shape[1] * 8}")
+        if scales.dtype != x.dtype:
+            scales, biases = scales.astype(x.dtype), biases.astype(x.dtype)
+        inputs += [w, scales, biases]
+        n += w.shape[0]
     lw, ks, threads = launch_shape(rows, k, n)
-    if scales.dtype != x.dtype:
-        scales, biases = scales.astype(x.dtype), biases.astype(x.dtype)
-    (y,) = _kernel(backend)(
-        inputs=[x, w, scales, biases],
+    (y,) = _kernel(backend, len(matrices))(
+        inputs=inputs,
         template=[("T", x.dtype), ("M", rows), ("G", group_size), ("LW", lw), ("KS", ks), ("BLOCK", THREADS_PER_BLOCK), ("UNROLL", UNROLL)],
         grid=(threads, 1, 1),
         threadgroup=(THREADS_PER_BLOCK, 1, 1),
@@ -384,10 +432,25 @@ def self_check(dtype: mx.Dtype) -> float:
         scales = (mx.random.uniform(0.01, 0.02, (n, k // group), key=ks)).astype(dtype)
         biases = (-8 * scales.astype(mx.float32)).astype(dtype)
         got = int4_gemv(x, w, scales, biases, group).astype(mx.float32)
-        want = _reference(x, w, scales, biases, group)
-        scale = float(mx.max(mx.abs(want)).item()) or 1.0
-        worst = max(worst, float(mx.max(mx.abs(got - want)).item()) / scale)
+        worst = max(worst, _relative_error(got, _reference(x, w, scales, biases, group)))
+    # Three stacked matrices of different heights (q/k/v-like), rows of x 1 and 3.
+    for rows, k, heights in ((1, 512, (40, 8, 24)), (3, 1024, (16, 33, 5))):
+        kx, key = mx.random.split(key)
+        x = mx.random.normal((rows, k), key=kx).astype(dtype)
+        mats = []
+        for h in heights:
+            kw, ks, key = mx.random.split(key, 3)
+            scales = mx.random.uniform(0.01, 0.02, (h, k // 64), key=ks).astype(dtype)
+            mats.append((random_words((h, k // 8), key=kw), scales, (-8 * scales.astype(mx.float32)).astype(dtype)))
+        got = int4_gemv_stacked(x, mats, 64).astype(mx.float32)
+        want = mx.concatenate([_reference(x, *m, 64) for m in mats], axis=1)
+        worst = max(worst, _relative_error(got, want))
     return worst
+
+
+def _relative_error(got: mx.array, want: mx.array) -> float:
+    scale = float(mx.max(mx.abs(want)).item()) or 1.0
+    return float(mx.max(mx.abs(got - want)).item()) / scale
 
 
 _TOLERANCE = {mx.float32: 1e-4, mx.float16: 4e-3, mx.bfloat16: 2e-2}

@@ -34,7 +34,7 @@ import numpy as np
 from metal_marlin import device
 
 from .cache import DEFAULT_STEP, KVCache, make_cache
-from .layers import DENSE_COPY_MIN_ROWS, DENSE_WEIGHT_ATTR
+from .layers import DENSE_COPY_MIN_ROWS, DENSE_WEIGHT_ATTR, project_stacked
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -264,9 +264,10 @@ class Attention(nn.Module):
     ) -> mx.array:
         """Attention output before ``o_proj`` (``[B, L, n_heads*head_dim]``): o_proj's input."""
         b, length, _ = x.shape
-        q = self.q_proj(x).reshape(b, length, self.n_heads, self.head_dim)
-        k = self.k_proj(x).reshape(b, length, self.n_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(b, length, self.n_kv_heads, self.head_dim)
+        q, k, v = project_stacked(x, (self.q_proj, self.k_proj, self.v_proj))
+        q = q.reshape(b, length, self.n_heads, self.head_dim)
+        k = k.reshape(b, length, self.n_kv_heads, self.head_dim)
+        v = v.reshape(b, length, self.n_kv_heads, self.head_dim)
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
@@ -298,7 +299,8 @@ class MLP(nn.Module):
 
     def hidden(self, x: mx.array) -> mx.array:
         """The gated activation: ``down_proj``'s input."""
-        return nn.silu(self.gate_proj(x)) * self.up_proj(x)
+        gate, up = project_stacked(x, (self.gate_proj, self.up_proj))
+        return nn.silu(gate) * up
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(self.hidden(x))
