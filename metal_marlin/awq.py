@@ -96,13 +96,20 @@ def compute_activation_stats(activations: np.ndarray, method: ActivationMethod =
     x = x.reshape(-1, x.shape[-1])
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"activations is empty (shape {np.shape(activations)})")
+    return np.asarray(channel_stats(x.astype(np.float64), method, np), dtype=np.float32)
+
+
+def channel_stats(x: Any, method: ActivationMethod, xp: Any) -> Any:
+    """The statistic of ``x [tokens, in]`` per input channel, in namespace ``xp``.
+
+    The one formula behind :func:`compute_activation_stats` (numpy, float64) and the
+    model pipeline on a GPU (MLX, where the calibration activations stay on the device).
+    """
     if method == "mean":
-        stat = np.abs(x).mean(axis=0, dtype=np.float64)
-    elif method == "max":
-        stat = np.abs(x).max(axis=0)
-    else:
-        stat = np.sqrt(np.square(x, dtype=np.float64).mean(axis=0))
-    return stat.astype(np.float32)
+        return xp.mean(xp.abs(x), axis=0)
+    if method == "max":
+        return xp.max(xp.abs(x), axis=0)
+    return xp.sqrt(xp.mean(xp.square(x), axis=0))
 
 
 def _salient_count(in_features: int, salient_ratio: float) -> int:

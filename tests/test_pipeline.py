@@ -290,3 +290,26 @@ def test_streaming_reads_one_block_at_a_time_and_matches_the_eager_pipeline(tmp_
 
     assert timeless(eager_stats) == {k: v for k, v in timeless(stats).items() if k in eager_stats}
     assert smollm2.model.model.layers[0].mlp.up_proj.weight.shape == (1536, 576)  # still loaded
+
+
+def test_the_mlx_search_keeps_calibration_inputs_on_the_device_and_agrees_with_numpy(smollm2, tokenizer) -> None:
+    """compute_backend="auto" picks MLX on a GPU, where the captured inputs stay MLX arrays:
+    one block quantized that way chooses what the numpy search chooses, to float tolerance."""
+    from metal_marlin import pipeline
+    from metal_marlin.models.llama import DecoderBlock
+    from metal_marlin.quant import QuantSpec
+
+    ids = pipeline._calibration_batch(smollm2.model, tokenizer, None, None, 2, 64)[0].input_ids
+    x = smollm2.model.model.embed_tokens(mx.array(ids)).astype(mx.float32)
+    _, captured = pipeline._run_block(smollm2.model.layers[0], x, capture=True, xp=mx)
+    assert all(isinstance(v, mx.array) and v.dtype == mx.float32 for v in captured.values())
+    results = {}
+    for name, xp in (("numpy", np), ("mlx", mx)):
+        block = DecoderBlock(smollm2.config)
+        block.load_weights(list(tree_flatten(smollm2.model.layers[0].parameters())))
+        results[name] = pipeline._quantize_block(block, x, QuantSpec(bits=4, group_size=64), 0.0, "rms", 5, False, "awq", xp)[2]
+    a, b = results["numpy"], results["mlx"]
+    assert a["choice"] == b["choice"]
+    assert b["block_output_error"] == pytest.approx(a["block_output_error"], rel=0.05)
+    for path, stats in a["linears"].items():
+        assert b["linears"][path]["alpha"] == pytest.approx(stats["alpha"], abs=0.21), path
