@@ -8,7 +8,7 @@ packed size: float weights are never materialised.
 
 Values are chosen so activations stay finite through any depth in float16: codes are
 uniform random nibbles, ``scale ~ 1/(4.6*sqrt(K))`` (so a projection of a unit-RMS input
-has unit RMS) and ``bias = -8*scale`` (zero-mean weights); norms are ones.
+has unit RMS) and ``bias = -7.5*scale`` (zero-mean weights); norms are ones.
 """
 
 from __future__ import annotations
@@ -65,7 +65,10 @@ def random_quantized_llama(
         scales = (mx.random.uniform(0.5 * level, 1.5 * level, (out_dims, in_dims // group_size), key=ks)).astype(dtype)
         layer.weight = random_words((out_dims, in_dims * bits // 32), key=kw)
         layer.scales = scales
-        layer.biases = (-(2 ** (bits - 1)) * scales.astype(mx.float32)).astype(dtype)
+        # Codes are uniform on 0..2^bits-1, so -(2^bits-1)/2 * scale centres the weights: a
+        # bias of -2^(bits-1)*scale leaves a common-mode component that grows through the
+        # depth (seen on the H200: NaN logits after 32 layers in float16).
+        layer.biases = (-((2**bits - 1) / 2) * scales.astype(mx.float32)).astype(dtype)
         mx.eval(layer.weight, layer.scales, layer.biases)
     for path, module in model.named_modules():
         if isinstance(module, nn.RMSNorm):

@@ -7,6 +7,10 @@ writing its JSON report under bench/out/, and then renders the page:
     python bench/results.py --reuse      # run only the benchmarks without a report yet
     python bench/results.py --render-only
 
+The GPU section is rendered from reports made on the GPU machine (bench/gpu.py and
+bench/gpu_kernels.py, run there as the README's "On an NVIDIA GPU" says) and copied to
+bench/out/gpu-a.json, gpu-b.json and gpu-kernels.json; this command never runs them.
+
 The full run takes about two hours on 2 CPU cores (mlx-lm's AWQ dominates). Every table on
 the page names the machine, the start time and the exact command of the run it came from;
 nothing on the page is typed by hand.
@@ -147,6 +151,191 @@ def plot_throughput(generate: dict[str, Any] | None, serve: dict[str, Any] | Non
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------ GPU
+
+#: Reports brought back from the GPU machine (see README "On an NVIDIA GPU"): bench/gpu.py
+#: runs as several commands (each under the device's 10-minute limit), one report each.
+GPU_REPORTS = ("gpu-a", "gpu-b")
+GPU_KERNELS_REPORT = "gpu-kernels"
+
+
+def merge_gpu(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """One bench/gpu.py report from the reports of several commands in one machine session."""
+    if not reports:
+        return None
+    from gpu import summarize
+
+    merged = {k: v for k, v in reports[0].items() if k not in ("sections", "errors", "summary")}
+    merged["sections"], merged["errors"], merged["commands"] = {}, {}, []
+    for rep in reports:
+        merged["sections"].update(rep.get("sections", {}))
+        merged["errors"].update(rep.get("errors", {}))
+        merged["commands"].append(rep.get("machine", {}).get("command") or rep.get("command"))
+    merged["summary"] = summarize(merged)
+    return merged
+
+
+def _f(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return str(value)
+
+
+def _ratio(a: Any, b: Any) -> str:
+    return f"{a / b:.2f}x" if isinstance(a, (int, float)) and isinstance(b, (int, float)) and b else "-"
+
+
+def _gpu_engine_table(summary: dict[str, Any], name: str, levels: list[int]) -> list[str]:
+    rows = [
+        ("prompt tokens/s (512-token prompt)", "prompt", "tok_s", 0),
+        ("time to first token, s", "ttft", "s", 3),
+        ("batch-1 decode tokens/s", "decode_b1", "tok_s", 1),
+    ]
+    rows += [(f"aggregate decode tokens/s, {n} sequences", f"aggregate.{n}", "tok_s", 0) for n in levels]
+    out = ["| figure | metal-marlin | mlx-lm | ours / mlx-lm |", "|---|---:|---:|---:|"]
+    for label, key, unit, digits in rows:
+        ours, theirs = summary.get(f"{name}.{key}.ours_{unit}"), summary.get(f"{name}.{key}.mlx_lm_{unit}")
+        ratio = _ratio(theirs, ours) if unit == "s" else _ratio(ours, theirs)
+        out.append(f"| {label} | {_f(ours, digits)} | {_f(theirs, digits)} | {ratio} |")
+    return out
+
+
+def plot_gpu(gpu: dict[str, Any], path: Path) -> None:
+    """Aggregate decode tokens/s against concurrent sequences on the GPU, ours vs mlx-lm."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    summary = gpu["summary"]
+    panels = [("smollm", "SmolLM2-135M 4-bit g64"), ("llama8b", "Llama-3-8B shape, 4-bit g64 (random weights)"), ("serve", "service: streaming chat clients")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    for ax, (name, title) in zip(axes, panels):
+        for who, label in (("ours", "metal-marlin"), ("mlx_lm", "mlx-lm")):
+            if name == "serve":
+                pts = sorted((int(k.split(".")[1]), v) for k, v in summary.items() if k.startswith("serve.") and k.endswith(f".{who}_tok_s"))
+                label = "metal-marlin serve" if who == "ours" else "mlx_lm.server"
+            else:
+                pts = sorted((int(k.split(".")[2]), v) for k, v in summary.items() if k.startswith(f"{name}.aggregate.") and k.endswith(f".{who}_tok_s"))
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
+        if name == "llama8b" and summary.get("llama8b.bound_tok_s"):
+            ax.axhline(summary["llama8b.bound_tok_s"], color="grey", ls="--", lw=1, label="batch-1 bandwidth bound")
+        ax.set_title(title, fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("concurrent clients" if name == "serve" else "concurrent sequences")
+        ax.set_ylabel("output tokens/s")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{gpu_device_name(gpu)}: throughput vs concurrency")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def gpu_device_name(gpu: dict[str, Any]) -> str:
+    smi = (gpu.get("machine") or {}).get("nvidia_smi") or ""
+    return smi.split(",")[0].strip() or "GPU"
+
+
+def render_gpu(gpu: dict[str, Any], kernels: dict[str, Any] | None) -> list[str]:
+    """The GPU section: every figure from the reports that came back from the device."""
+    machine = gpu.get("machine", {})
+    summary = gpu["summary"]
+    settings = gpu.get("settings", {})
+    levels = settings.get("concurrency", [1, 8, 32, 128])
+    lines = [
+        "## On an NVIDIA GPU (MLX's CUDA backend)",
+        "",
+        f"Device: {machine.get('nvidia_smi', '-')} (name, driver, memory); MLX {machine.get('mlx', '-')}, "
+        f"mlx-lm {machine.get('mlx_lm', '-')}, Python {machine.get('python', '-')}; measured device bandwidth "
+        f"{_f(summary.get('bandwidth.gb_s'), 0)} GB/s (a 2 GiB copy, bytes read + written).  ",
+        "Commands, run on the device after `scripts/device_setup.sh` (the README says how): "
+        + "; ".join(f"`{c}`" for c in gpu.get("commands", []) if c) + ".",
+        "Every figure is the median of the repeats, metal-marlin and mlx-lm alternated in the same process",
+        "(the service figures: both servers up side by side, taking turns per level), after an untimed warm-up",
+        "of the same shapes (MLX compiles each new GPU kernel at its first use).",
+        "",
+        "![GPU throughput vs concurrency](img/gpu_throughput_vs_concurrency.png)",
+        "",
+        "### SmolLM2-135M-Instruct, 4-bit group 64, quantized by us",
+        "",
+        *_gpu_engine_table(summary, "smollm", levels),
+        "",
+        "### Llama-3-8B shape (hidden 4096, 32 layers, 32/8 heads, MLP 14336, vocab 128256), random 4-bit g64 weights",
+        "",
+        *_gpu_engine_table(summary, "llama8b", levels),
+        "",
+        f"Bandwidth bound at batch 1: {_f(summary.get('llama8b.bound_tok_s'), 0)} tokens/s (weight bytes read per "
+        f"token / measured bandwidth). metal-marlin reaches {_f(100 * (summary.get('llama8b.decode_b1.ours_fraction_of_bound') or 0), 0)}% "
+        f"of it, mlx-lm {_f(100 * (summary.get('llama8b.decode_b1.mlx_lm_fraction_of_bound') or 0), 0)}%. "
+        f"Peak GPU memory: {_f(summary.get('llama8b.peak_memory_mb'), 0)} MB.",
+        "",
+        "### AWQ quantization on the GPU (SmolLM2, 128 x 512 calibration tokens, AutoAWQ's default)",
+        "",
+        "| quantizer | time s | peak GPU memory MB | ppl Wikipedia | ppl KJV |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for who, label in (("original", "original (float)"), ("ours", "metal-marlin AWQ"), ("mlx_lm", "mlx-lm AWQ")):
+        lines.append(f"| {label} | {_f(summary.get(f'awq.{who}_s'))} | {_f(summary.get(f'awq.{who}_peak_memory_mb'), 0)} | "
+                     f"{_f(summary.get(f'awq.ppl_wikipedia.{who}'), 3)} | {_f(summary.get(f'awq.ppl_kjv.{who}'), 3)} |")
+    lines += ["", f"Ours / mlx-lm time: {_ratio(summary.get('awq.ours_s'), summary.get('awq.mlx_lm_s'))}. "
+              f"8B-shaped block (real search, random weights): "
+              + ", ".join(f"{k.split('.')[2].replace('_s_per_block', '')}: {_f(v)} s/block" for k, v in summary.items() if k.startswith("awq.block8b.")) + ".", ""]
+    serve_levels = sorted({int(k.split(".")[1]) for k in summary if k.startswith("serve.") and k.split(".")[1].isdigit()})
+    if serve_levels:
+        lines += ["### The service end to end (gateway + worker) vs `mlx_lm.server`, streaming chat, SmolLM2 4-bit", "",
+                  "| clients | server | output tokens/s | TTFT p50 s | TTFT p99 s | errors |", "|---:|---|---:|---:|---:|---:|"]
+        for n in serve_levels:
+            for who, label in (("ours", "metal-marlin serve"), ("mlx_lm", "mlx_lm.server")):
+                lines.append(f"| {n} | {label} | {_f(summary.get(f'serve.{n}.{who}_tok_s'))} | {_f(summary.get(f'serve.{n}.{who}_ttft_p50_s'), 3)} | "
+                             f"{_f(summary.get(f'serve.{n}.{who}_ttft_p99_s'), 3)} | {_f(summary.get(f'serve.{n}.{who}_errors'))} |")
+        costs = {k.split(".")[-1]: v for k, v in summary.items() if k.startswith("serve.gateway_cost_pct.")}
+        if costs:
+            lines += ["", "Gateway cost (engine alone vs through the service, same prompts): "
+                      + ", ".join(f"{n} stream(s): {_f(v)}%" for n, v in sorted(costs.items(), key=lambda kv: int(kv[0]))) + "."]
+        lines.append("")
+    if "ppl.gpu" in summary:
+        lines += ["### Perplexity on the GPU vs the CPU (our 4-bit SmolLM2, held-out Wikipedia)", "",
+                  f"GPU {_f(summary.get('ppl.gpu_same_windows', summary.get('ppl.gpu')), 4)}, CPU {_f(summary.get('ppl.cpu'), 4)}: "
+                  f"relative difference {_f(summary.get('ppl.rel_diff'), 6)}. By activation dtype on the GPU: "
+                  + ", ".join(f"{d} {_f(summary.get(f'ppl.{d}'), 4)}" for d in ("float32", "float16", "bfloat16") if f"ppl.{d}" in summary) + ".", ""]
+    if kernels:
+        lines += render_gpu_kernels(kernels)
+    if gpu.get("errors"):
+        lines += ["Sections that failed in this run: " + ", ".join(f"{k} ({str(v).strip().splitlines()[-1]})" for k, v in gpu["errors"].items()), ""]
+    return lines
+
+
+def render_gpu_kernels(kernels: dict[str, Any]) -> list[str]:
+    """Our fused int4 kernel vs MLX's quantized_matmul, and a decode step's parts."""
+    lines = ["### The fused int4 kernel vs MLX's `quantized_matmul` (float16, one product)", "",
+             f"Command: `{kernels.get('command', '-')}`. Microseconds per product (20 products per evaluation, median),",
+             "effective weight bandwidth in brackets; MLX with a 2-D input `[M, K]` and with the `[M, 1, K]` input",
+             "a decode batch passes.", "",
+             "| weight (K -> N) | rows | fused (ours) | MLX 2-D | MLX 3-D |", "|---|---:|---:|---:|---:|"]
+    for row in kernels.get("microbench", {}).get("mlx.core.float16", []):
+        if not row["shape"].startswith("8b."):
+            continue
+        fused = f"{row['fused_us']:.1f} ({row['fused_GBps']:.0f} GB/s)" if "fused_us" in row else "-"
+        lines.append(f"| {row['shape']} {row['K']} -> {row['N']} | {row['rows']} | {fused} | "
+                     f"{row['mlx_2d_us']:.1f} ({row['mlx_2d_GBps']:.0f} GB/s) | {row['mlx_3d_us']:.1f} |")
+    steps = (kernels.get("decode_step") or {}).get("steps", [])
+    if steps:
+        lines += ["", "One decode step of the random 8B-shaped model (our engine's forward, float16, 64 cached tokens), ms:", "",
+                  "| batch | fused kernel | graph building (Python) | whole step | matmuls x 32 layers | output head | RoPE + cache + SDPA x 32 | norms + elementwise x 32 |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for st in steps:
+            lines.append(f"| {st['batch']} | {'on' if st['fused'] else 'off'} | {st['graph_build_ms']:.2f} | {st['step_ms']:.2f} | "
+                         f"{_f(st.get('matmuls_x_layers_ms'), 2)} | {_f(st.get('output_head_ms'), 2)} | {_f(st.get('rope_cache_sdpa_x_layers_ms'), 2)} | "
+                         f"{_f(st.get('norms_elementwise_x_layers_ms'), 2)} |")
+        lines += ["", "The parts are timed on their own graphs, Python graph building included, so they overlap the whole step."]
+    lines.append("")
+    return lines
+
+
 # ------------------------------------------------------------------------------ page
 
 
@@ -166,7 +355,8 @@ def merge_quality(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
     return merged
 
 
-def render_page(quality: dict | None, generate: dict | None, serve: dict | None) -> str:
+def render_page(quality: dict | None, generate: dict | None, serve: dict | None,
+                gpu: dict | None = None, gpu_kernels: dict | None = None) -> str:
     sys.path.insert(0, str(HERE))
     lines = [
         "# metal-marlin results",
@@ -221,7 +411,11 @@ def render_page(quality: dict | None, generate: dict | None, serve: dict | None)
         lines += ["## Serving throughput (HTTP, streaming clients)", "", _provenance(serve), "", render_serve(serve), ""]
     if generate or serve:
         lines += ["![throughput vs concurrency](img/throughput_vs_concurrency.png)", ""]
-    missing = [name for name, r in (("quality", quality), ("generate", generate), ("serve", serve)) if r is None]
+    if gpu:
+        IMAGES.mkdir(parents=True, exist_ok=True)
+        plot_gpu(gpu, IMAGES / "gpu_throughput_vs_concurrency.png")
+        lines += render_gpu(gpu, gpu_kernels)
+    missing = [name for name, r in (("quality", quality), ("generate", generate), ("serve", serve), ("gpu", gpu)) if r is None]
     if missing:
         lines += [f"Not measured in this rendering: {', '.join(missing)} (no report in bench/out/).", ""]
     return "\n".join(lines)
@@ -241,7 +435,9 @@ def main() -> None:
                 continue
             run_benchmark(name)
     quality = merge_quality([r for name in BENCHMARKS if name.startswith("quality") and (r := load_report(name))])
-    page = render_page(quality, load_report("generate"), load_report("serve"))
+    sys.path.insert(0, str(HERE))
+    gpu = merge_gpu([r for name in GPU_REPORTS if (r := load_report(name))])
+    page = render_page(quality, load_report("generate"), load_report("serve"), gpu, load_report(GPU_KERNELS_REPORT))
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "RESULTS.md").write_text(page)
     print(f"wrote {DOCS / 'RESULTS.md'}")
