@@ -94,6 +94,46 @@ def microbench(dtype: mx.Dtype, rows_list: list[int], repeats: int, inner: int =
     return out
 
 
+def decode_step_profile(cfg_overrides: dict[str, Any], batches: list[int], repeats: int) -> dict[str, Any]:
+    """Graph-building and whole-step time of one decode step, fused kernels on and off."""
+    cfg = llama_config(**cfg_overrides)
+    t0 = time.perf_counter()
+    model = random_quantized_llama(cfg, mx.float16)
+    result: dict[str, Any] = {"build_s": time.perf_counter() - t0, **quantized_weight_bytes(model), "steps": []}
+    for batch in batches:
+        cache = model.make_cache()
+        prompt = mx.random.randint(0, cfg.vocab_size, (batch, 64))
+        mx.eval(model(prompt, cache))
+        tokens = mx.random.randint(0, cfg.vocab_size, (batch, 1))
+        for fused in (True, False):
+            gemv.set_fused_kernels(fused)
+
+            def step() -> mx.array:
+                logits = model(tokens, cache)
+                for c in cache:
+                    c.trim(1)
+                return logits
+
+            mx.eval(step())  # warm-up (kernel compilation)
+            build, whole = [], []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                logits = step()
+                t1 = time.perf_counter()
+                mx.eval(logits)
+                t2 = time.perf_counter()
+                build.append(t1 - t0)
+                whole.append(t2 - t0)
+            row = {"batch": batch, "fused": fused, "graph_build_ms": statistics.median(build) * 1e3,
+                   "step_ms": statistics.median(whole) * 1e3}
+            row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
+            row.update(decode_parts(model, batch, repeats))
+            result["steps"].append(row)
+            print(json.dumps(row), flush=True)
+        gemv.set_fused_kernels(True)
+    return result
+
+
 def decode_parts(model: Any, batch: int, repeats: int) -> dict[str, float]:
     """Milliseconds of each kind of work in one decode step, each timed on its own graph.
 
@@ -164,6 +204,7 @@ def main() -> None:
     parser.add_argument("--rows", default="1,2,4,8,16")
     parser.add_argument("--batches", default="1,16,128")
     parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--shapes", default=None, help="prefix of the weight shapes to measure (e.g. 8b.)")
     args = parser.parse_args()
     report: dict[str, Any] = {"machine": describe_machine(), "gpu": describe_gpu(), "command": " ".join(["python", *sys.argv])}
 
@@ -182,6 +223,9 @@ def main() -> None:
     print(report["bandwidth"], flush=True)
     save()
     rows = [int(r) for r in args.rows.split(",")]
+    if args.shapes:
+        for name in [n for n in SHAPES if not n.startswith(args.shapes)]:
+            del SHAPES[name]
     report["microbench"] = {}
     for dtype in (mx.float16,):  # the engines' dtype on a GPU
         report["microbench"][str(dtype)] = microbench(dtype, rows, args.repeats)

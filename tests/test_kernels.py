@@ -91,8 +91,7 @@ def test_kernel_agrees_with_mlx(dtype):
 
 
 @needs_gpu
-@pytest.mark.parametrize("rows", [1, 2, 4, 5, 8, 9])
-@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("rows,group", [(1, 64), (2, 128), (4, 32), (1, 256), (5, 64), (9, 64)])
 def test_quantized_linear_on_the_gpu_matches_dequantized_matmul(rows, group):
     layer = _layer(1536, 200, group, mx.float16, seed=rows)
     x = mx.random.normal((rows, 1, 1536)).astype(mx.float16)
@@ -103,7 +102,7 @@ def test_quantized_linear_on_the_gpu_matches_dequantized_matmul(rows, group):
 
 
 @needs_gpu
-@pytest.mark.parametrize("rows", [1, 3, 6])
+@pytest.mark.parametrize("rows", [1, 3])
 def test_stacked_projection_equals_separate_layers(rows):
     from metal_marlin.models.layers import project_stacked
 
