@@ -961,9 +961,7 @@ def start_servers(folder: Path, scratch: Path) -> list[Any]:
     (bench/serve.py's ``Server``), both on 127.0.0.1, both ready. On MLX's CPU backend (smoke)
     mlx_lm.server gets serve.py's float32 copy and the BLAS that metal_marlin interposes,
     as bench/serve.py does."""
-    from serve import Server, float32_copy, free_port
-
-    from metal_marlin import _blas
+    from serve import Server, free_port, mlx_lm_server, start_all
 
     env = _child_env()
     env.pop("MM_API_KEY", None)
@@ -971,21 +969,8 @@ def start_servers(folder: Path, scratch: Path) -> list[Any]:
     ours = Server("metal-marlin serve", [*_metal_marlin_cli(), "serve", "--host", "127.0.0.1", "--port", str(p),
                                          "--data-dir", str(scratch / "data"), "--model", f"{SERVED_NAME}={folder}"],
                   p, SERVED_NAME, scratch / "ours.log", env, "/health")
-    on_cpu = mx.default_device() == mx.cpu
-    their_folder = float32_copy(folder, scratch / "model-float32") if on_cpu else folder
-    their_env = dict(env)
-    if on_cpu and _blas.loaded_blas:
-        their_env["LD_PRELOAD"] = _blas.loaded_blas
-    q = free_port()
-    theirs = Server("mlx_lm.server", [sys.executable, "-m", "mlx_lm.server", "--model", str(their_folder), "--host", "127.0.0.1",
-                                      "--port", str(q), "--log-level", "WARNING"],
-                    q, "default_model", scratch / "mlx_lm.log", their_env, "/health")
-    servers = [ours, theirs]
-    for server in servers:
-        server.start()
-    for server in servers:
-        server.wait_ready(300)
-    return servers
+    theirs = mlx_lm_server(folder, scratch, env, sys.executable, float32=mx.default_device() == mx.cpu)
+    return start_all([ours, theirs])
 
 
 def serve_levels(ctx: Context, out: dict[str, Any], servers: list[Any]) -> None:

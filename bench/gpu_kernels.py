@@ -99,7 +99,8 @@ def decode_step_profile(cfg_overrides: dict[str, Any], batches: list[int], repea
     cfg = llama_config(**cfg_overrides)
     t0 = time.perf_counter()
     model = random_quantized_llama(cfg, mx.float16)
-    result: dict[str, Any] = {"build_s": time.perf_counter() - t0, **quantized_weight_bytes(model), "steps": []}
+    result: dict[str, Any] = {"build_s": time.perf_counter() - t0, **quantized_weight_bytes(model), "steps": [],
+                              "compiled_per_setting": True}
     for batch in batches:
         cache = model.make_cache()
         prompt = mx.random.randint(0, cfg.vocab_size, (batch, 64))
@@ -107,6 +108,8 @@ def decode_step_profile(cfg_overrides: dict[str, Any], batches: list[int], repea
         tokens = mx.random.randint(0, cfg.vocab_size, (batch, 1))
         for fused in (True, False):
             gemv.set_fused_kernels(fused)
+            for layer in model.layers:  # compiled decode blocks are traced per setting
+                layer._compiled = None
 
             def step() -> mx.array:
                 logits = model(tokens, cache)

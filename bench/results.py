@@ -6,6 +6,7 @@ writing its JSON report under bench/out/, and then renders the page:
     python bench/results.py              # run quality, generate and serve, then render
     python bench/results.py --reuse      # run only the benchmarks without a report yet
     python bench/results.py --render-only
+    python bench/results.py --gpu-only   # only the GPU section, from bench/out/gpu-*.json
 
 The GPU section is rendered from reports made on the GPU machine (bench/gpu.py and
 bench/gpu_kernels.py, run there as the README's "On an NVIDIA GPU" says) and copied to
@@ -175,6 +176,14 @@ def merge_gpu(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
     return merged
 
 
+def _device_command(command: str | None) -> str:
+    """A command as run on the GPU machine, with its scratch paths written as there."""
+    text = command or "-"
+    for absolute, shown in (("--out <abs>/", "--out $OUT/"), ("--workdir <abs>/", "--workdir /tmp/"), ("/root/out/", "$OUT/")):
+        text = text.replace(absolute, shown)
+    return text
+
+
 def _f(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -210,8 +219,10 @@ def plot_gpu(gpu: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     summary = gpu["summary"]
-    panels = [("smollm", "SmolLM2-135M 4-bit g64"), ("llama8b", "Llama-3-8B shape, 4-bit g64 (random weights)"), ("serve", "service: streaming chat clients")]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    panels = [("smollm", "SmolLM2-135M 4-bit g64"), ("llama8b", "Llama-3-8B shape, 4-bit g64 (random weights)")]
+    if any(k.startswith("serve.") for k in summary):
+        panels.append(("serve", "service: streaming chat clients"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.4 * len(panels), 4.4))
     for ax, (name, title) in zip(axes, panels):
         for who, label in (("ours", "metal-marlin"), ("mlx_lm", "mlx-lm")):
             if name == "serve":
@@ -244,6 +255,7 @@ def render_gpu(gpu: dict[str, Any], kernels: dict[str, Any] | None) -> list[str]
     """The GPU section: every figure from the reports that came back from the device."""
     machine = gpu.get("machine", {})
     summary = gpu["summary"]
+    sections = gpu.get("sections", {})
     settings = gpu.get("settings", {})
     levels = settings.get("concurrency", [1, 8, 32, 128])
     lines = [
@@ -253,7 +265,7 @@ def render_gpu(gpu: dict[str, Any], kernels: dict[str, Any] | None) -> list[str]
         f"mlx-lm {machine.get('mlx_lm', '-')}, Python {machine.get('python', '-')}; measured device bandwidth "
         f"{_f(summary.get('bandwidth.gb_s'), 0)} GB/s (a 2 GiB copy, bytes read + written).  ",
         "Commands, run on the device after `scripts/device_setup.sh` (the README says how): "
-        + "; ".join(f"`{c}`" for c in gpu.get("commands", []) if c) + ".",
+        + "; ".join(f"`{_device_command(c)}`" for c in gpu.get("commands", []) if c) + ".",
         "Every figure is the median of the repeats, metal-marlin and mlx-lm alternated in the same process",
         "(the service figures: both servers up side by side, taking turns per level), after an untimed warm-up",
         "of the same shapes (MLX compiles each new GPU kernel at its first use).",
@@ -271,7 +283,11 @@ def render_gpu(gpu: dict[str, Any], kernels: dict[str, Any] | None) -> list[str]
         f"Bandwidth bound at batch 1: {_f(summary.get('llama8b.bound_tok_s'), 0)} tokens/s (weight bytes read per "
         f"token / measured bandwidth). metal-marlin reaches {_f(100 * (summary.get('llama8b.decode_b1.ours_fraction_of_bound') or 0), 0)}% "
         f"of it, mlx-lm {_f(100 * (summary.get('llama8b.decode_b1.mlx_lm_fraction_of_bound') or 0), 0)}%. "
-        f"Peak GPU memory: {_f(summary.get('llama8b.peak_memory_mb'), 0)} MB.",
+        f"Peak GPU memory: {_f(summary.get('llama8b.peak_memory_mb'), 0)} MB."
+        + ("" if (sections.get("llama8b") or {}).get("peer_check", {}).get("finite", True) else
+           " The random weights gave non-finite logits on the GPU (a 32-layer float16 model built the same way at"
+           " width 512 stays finite on the CPU; the cause on the GPU was not found). Speed does not depend on the"
+           " values, so the figures stand, but the two models' logits could not be compared."),
         "",
         "### AWQ quantization on the GPU (SmolLM2, 128 x 512 calibration tokens, AutoAWQ's default)",
         "",
@@ -281,6 +297,14 @@ def render_gpu(gpu: dict[str, Any], kernels: dict[str, Any] | None) -> list[str]
     for who, label in (("original", "original (float)"), ("ours", "metal-marlin AWQ"), ("mlx_lm", "mlx-lm AWQ")):
         lines.append(f"| {label} | {_f(summary.get(f'awq.{who}_s'))} | {_f(summary.get(f'awq.{who}_peak_memory_mb'), 0)} | "
                      f"{_f(summary.get(f'awq.ppl_wikipedia.{who}'), 3)} | {_f(summary.get(f'awq.ppl_kjv.{who}'), 3)} |")
+    skipped = {name: sec["skipped"] for name, sec in sections.items() if isinstance(sec, dict) and "skipped" in sec}
+    if "awq" in skipped:
+        del lines[next(i for i, line in enumerate(lines) if line.startswith("### AWQ quantization")) + 2:]
+        lines += [f"Not measured: the run skipped this section ({skipped['awq']}: the device time ran out first).", ""]
+        lines += _skipped_lines(skipped, ("serve", "ppl"))
+        if kernels:
+            lines += render_gpu_kernels(kernels)
+        return lines
     lines += ["", f"Ours / mlx-lm time: {_ratio(summary.get('awq.ours_s'), summary.get('awq.mlx_lm_s'))}. "
               f"8B-shaped block (real search, random weights): "
               + ", ".join(f"{k.split('.')[2].replace('_s_per_block', '')}: {_f(v)} s/block" for k, v in summary.items() if k.startswith("awq.block8b.")) + ".", ""]
@@ -309,12 +333,17 @@ def render_gpu(gpu: dict[str, Any], kernels: dict[str, Any] | None) -> list[str]
     return lines
 
 
+def _skipped_lines(skipped: dict[str, str], names: tuple[str, ...]) -> list[str]:
+    titles = {"serve": "The service end to end vs `mlx_lm.server`", "ppl": "Perplexity on the GPU vs the CPU"}
+    return [f"{titles[n]}: not measured (section skipped: {skipped[n]}).\n" for n in names if n in skipped]
+
+
 def render_gpu_kernels(kernels: dict[str, Any]) -> list[str]:
     """Our fused int4 kernel vs MLX's quantized_matmul, and a decode step's parts."""
     lines = ["### The fused int4 kernel vs MLX's `quantized_matmul` (float16, one product)", "",
-             f"Command: `{kernels.get('command', '-')}`. Microseconds per product (20 products per evaluation, median),",
-             "effective weight bandwidth in brackets; MLX with a 2-D input `[M, K]` and with the `[M, 1, K]` input",
-             "a decode batch passes.", "",
+             f"Command: `{_device_command(kernels.get('command'))}`. Microseconds per product: 20 products on distinct",
+             "inputs replayed as one compiled graph (device time, not Python's), median; effective weight bandwidth",
+             "in brackets; MLX with a 2-D input `[M, K]` and with the `[M, 1, K]` input a decode batch passes.", "",
              "| weight (K -> N) | rows | fused (ours) | MLX 2-D | MLX 3-D |", "|---|---:|---:|---:|---:|"]
     for row in kernels.get("microbench", {}).get("mlx.core.float16", []):
         if not row["shape"].startswith("8b."):
@@ -327,7 +356,10 @@ def render_gpu_kernels(kernels: dict[str, Any]) -> list[str]:
         lines += ["", "One decode step of the random 8B-shaped model (our engine's forward, float16, 64 cached tokens), ms:", "",
                   "| batch | fused kernel | graph building (Python) | whole step | matmuls x 32 layers | output head | RoPE + cache + SDPA x 32 | norms + elementwise x 32 |",
                   "|---:|---|---:|---:|---:|---:|---:|---:|"]
-        for st in steps:
+        # Reports before compiled blocks were re-traced per setting measured "off" on the graph
+        # traced with the kernel on: only the "on" rows of those mean what they say.
+        per_setting = (kernels.get("decode_step") or {}).get("compiled_per_setting", False)
+        for st in [st for st in steps if st["fused"] or per_setting]:
             lines.append(f"| {st['batch']} | {'on' if st['fused'] else 'off'} | {st['graph_build_ms']:.2f} | {st['step_ms']:.2f} | "
                          f"{_f(st.get('matmuls_x_layers_ms'), 2)} | {_f(st.get('output_head_ms'), 2)} | {_f(st.get('rope_cache_sdpa_x_layers_ms'), 2)} | "
                          f"{_f(st.get('norms_elementwise_x_layers_ms'), 2)} |")
@@ -353,6 +385,25 @@ def merge_quality(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
     merged["skipped"] = [s for rep in reports for s in rep.get("skipped", [])]
     merged["runs"] = [{k: rep.get(k) for k in ("command", "started", "machine", "complete")} for rep in reports]
     return merged
+
+
+GPU_BEGIN, GPU_END = "<!-- gpu section: rendered by bench/results.py -->", "<!-- end of gpu section -->"
+
+
+def gpu_section(gpu: dict[str, Any], gpu_kernels: dict[str, Any] | None) -> list[str]:
+    """The GPU section between markers, so ``--gpu-only`` can replace it in place."""
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    plot_gpu(gpu, IMAGES / "gpu_throughput_vs_concurrency.png")
+    return [GPU_BEGIN, *render_gpu(gpu, gpu_kernels), GPU_END, ""]
+
+
+def replace_gpu_section(page: str, section: list[str]) -> str:
+    """``page`` with its GPU section replaced (or appended): the CPU sections stay as they are."""
+    block = "\n".join(section)
+    if GPU_BEGIN in page and GPU_END in page:
+        head, rest = page.split(GPU_BEGIN, 1)
+        return head + block.rstrip("\n") + rest.split(GPU_END, 1)[1]
+    return page.rstrip("\n") + "\n\n" + block
 
 
 def render_page(quality: dict | None, generate: dict | None, serve: dict | None,
@@ -412,9 +463,7 @@ def render_page(quality: dict | None, generate: dict | None, serve: dict | None,
     if generate or serve:
         lines += ["![throughput vs concurrency](img/throughput_vs_concurrency.png)", ""]
     if gpu:
-        IMAGES.mkdir(parents=True, exist_ok=True)
-        plot_gpu(gpu, IMAGES / "gpu_throughput_vs_concurrency.png")
-        lines += render_gpu(gpu, gpu_kernels)
+        lines += gpu_section(gpu, gpu_kernels)
     missing = [name for name, r in (("quality", quality), ("generate", generate), ("serve", serve), ("gpu", gpu)) if r is None]
     if missing:
         lines += [f"Not measured in this rendering: {', '.join(missing)} (no report in bench/out/).", ""]
@@ -426,7 +475,18 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="run only the benchmarks that have no report yet")
     parser.add_argument("--render-only", action="store_true", help="run nothing; render from the existing reports")
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="benchmarks to run (comma-separated)")
+    parser.add_argument("--gpu-only", action="store_true",
+                        help="run nothing; replace only the GPU section of docs/RESULTS.md (from bench/out/gpu-*.json)")
     args = parser.parse_args()
+    if args.gpu_only:
+        sys.path.insert(0, str(HERE))
+        gpu = merge_gpu([r for name in GPU_REPORTS if (r := load_report(name))])
+        if gpu is None:
+            parser.error("no bench/out/gpu-a.json or gpu-b.json to render")
+        page = (DOCS / "RESULTS.md").read_text()
+        (DOCS / "RESULTS.md").write_text(replace_gpu_section(page, gpu_section(gpu, load_report(GPU_KERNELS_REPORT))))
+        print(f"wrote the GPU section of {DOCS / 'RESULTS.md'}")
+        return
     if not args.render_only:
         for name in args.only.split(","):
             if name not in BENCHMARKS:

@@ -243,6 +243,29 @@ async def run_level(server: Server, clients: int, requests: int, max_tokens: int
     }
 
 
+def mlx_lm_server(folder: Path, scratch: Path, env: dict[str, str], python: str, *, float32: bool) -> Server:
+    """``mlx_lm.server`` on 127.0.0.1 for ``folder`` (not started). ``float32``: on a float32
+    copy (MLX's x86 CPU backend has no fast float16 matmul), with the BLAS metal_marlin
+    interposes when it loaded one; on a GPU the folder as stored."""
+    folder = float32_copy(folder, scratch / "model-float32") if float32 else folder
+    their_env = dict(env)
+    if _blas.loaded_blas:
+        their_env["LD_PRELOAD"] = _blas.loaded_blas
+    port = free_port()
+    return Server("mlx_lm.server", [python, "-m", "mlx_lm.server", "--model", str(folder), "--host", "127.0.0.1",
+                                    "--port", str(port), "--log-level", "WARNING"],
+                  port, "default_model", scratch / "mlx_lm.log", their_env, "/health")
+
+
+def start_all(servers: list[Server], timeout: float = 300) -> list[Server]:
+    """Start every server, then wait until each answers its health check."""
+    for server in servers:
+        server.start()
+    for server in servers:
+        server.wait_ready(timeout)
+    return servers
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=None, help="4-bit MLX-layout model folder (default: quantize the built-in SmolLM2)")
@@ -279,18 +302,8 @@ def main() -> int:
         their_dtype = args.mlx_lm_dtype
         if their_dtype == "auto":
             their_dtype = "float32" if mx.default_device() == mx.cpu else "stored"
-        their_folder = float32_copy(folder, scratch / "model-float32") if their_dtype == "float32" else folder
-        their_env = dict(env)
-        if _blas.loaded_blas:
-            their_env["LD_PRELOAD"] = _blas.loaded_blas
-        theirs_port = free_port()
-        theirs = Server("mlx_lm.server", [python, "-m", "mlx_lm.server", "--model", str(their_folder), "--port", str(theirs_port), "--log-level", "WARNING"],
-                        theirs_port, "default_model", scratch / "mlx_lm.log", their_env, "/health")
-        servers = [ours, theirs]
-        for s in servers:
-            s.start()
-        for s in servers:
-            s.wait_ready(300)
+        theirs = mlx_lm_server(folder, scratch, env, python, float32=their_dtype == "float32")
+        servers = start_all([ours, theirs])
         for s in servers:  # warm-up: loads the model into our worker, compiles kernels in both
             warm = asyncio.run(run_level(s, 1, 1, 4, args.timeout))
             if warm["errors"]:

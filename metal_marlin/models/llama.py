@@ -264,6 +264,15 @@ class Attention(nn.Module):
         positions: Positions = None,
     ) -> mx.array:
         """Attention output before ``o_proj`` (``[B, L, n_heads*head_dim]``): o_proj's input."""
+        if positions is None:
+            positions = cache.offset if cache is not None else 0
+        q, k, v = self.queries_keys_values(x, positions)
+        if cache is not None:
+            k, v = cache.update_and_fetch(k, v)
+        return self.attend(q, k, v, mask)
+
+    def queries_keys_values(self, x: mx.array, positions: int | mx.array) -> tuple[mx.array, mx.array, mx.array]:
+        """``q, k, v`` as ``[B, heads, L, head_dim]``, RoPE applied: what attention and the cache take."""
         b, length, _ = x.shape
         q, k, v = project_stacked(x, (self.q_proj, self.k_proj, self.v_proj))
         q = q.reshape(b, length, self.n_heads, self.head_dim)
@@ -272,12 +281,11 @@ class Attention(nn.Module):
         if "q_norm" in self:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        if positions is None:
-            positions = cache.offset if cache is not None else 0
-        q = self.rope(q, positions)
-        k = self.rope(k, positions)
-        if cache is not None:
-            k, v = cache.update_and_fetch(k, v)
+        return self.rope(q, positions), self.rope(k, positions), v
+
+    def attend(self, q: mx.array, k: mx.array, v: mx.array, mask: Mask) -> mx.array:
+        """Scaled dot-product attention, heads merged back: ``[B, L, n_heads*head_dim]``."""
+        b, _, length, _ = q.shape
         out = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.scale, mask=mask)
         return out.transpose(0, 2, 1, 3).reshape(b, length, self.n_heads * self.head_dim)
 
@@ -346,22 +354,12 @@ class DecoderBlock(nn.Module):
 
     # ------------------------------------------------------------ compiled decode (GPU)
     def _pre_attention(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
-        """Norm, q/k/v, head split and RoPE of one decode token: attention's inputs."""
-        attn = self.self_attn
-        b, length, _ = x.shape
-        q, k, v = project_stacked(self.input_layernorm(x), (attn.q_proj, attn.k_proj, attn.v_proj))
-        q = q.reshape(b, length, attn.n_heads, attn.head_dim)
-        k = k.reshape(b, length, attn.n_kv_heads, attn.head_dim)
-        v = v.reshape(b, length, attn.n_kv_heads, attn.head_dim)
-        if "q_norm" in attn:
-            q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
-        return attn.rope(q, positions), attn.rope(k, positions), v
+        """Norm, q/k/v and RoPE of one decode token: attention's inputs."""
+        return self.self_attn.queries_keys_values(self.input_layernorm(x), positions)
 
-    def _post_attention(self, x: mx.array, attended: mx.array) -> mx.array:
+    def _post_attention(self, x: mx.array, context: mx.array) -> mx.array:
         """o_proj, both residuals and the MLP, after attention."""
-        b, heads, length, dim = attended.shape
-        h = x + self.self_attn.o_proj(attended.transpose(0, 2, 1, 3).reshape(b, length, heads * dim))
+        h = x + self.self_attn.o_proj(context)
         return h + self.mlp(self.post_attention_layernorm(h))
 
     def _decode_compiled(self, x: mx.array, mask: Mask, cache: KVCache, positions: Positions) -> mx.array:
@@ -383,8 +381,7 @@ class DecoderBlock(nn.Module):
         pre, post = self._compiled
         q, k, v = pre(x, positions)
         k, v = cache.update_and_fetch(k, v)
-        attended = mx.fast.scaled_dot_product_attention(q, k, v, scale=self.self_attn.scale, mask=mask)
-        return post(x, attended)
+        return post(x, self.self_attn.attend(q, k, v, mask))
 
     def capture(
         self, x: mx.array, mask: Mask = "causal", positions: Positions = None
