@@ -207,3 +207,76 @@ def test_worker_exits_with_one_line_when_the_gpu_is_missing(monkeypatch: pytest.
     monkeypatch.setenv("MM_DEVICE", "quantum")
     assert worker_main(["--data-dir", str(tmp_path / "data"), "--no-jobs"]) == 2
     assert "MM_DEVICE must be one of" in capsys.readouterr().err
+
+
+def test_activation_dtype_is_float16_on_the_gpu_float32_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlx.core as mx
+
+    from metal_marlin.generate.engine import default_activation_dtype
+
+    monkeypatch.delenv("MM_DTYPE", raising=False)
+    monkeypatch.setattr(device, "on_gpu", lambda: True)
+    assert default_activation_dtype() == mx.float16
+    monkeypatch.setattr(device, "on_gpu", lambda: False)
+    assert default_activation_dtype() == mx.float32
+    monkeypatch.setenv("MM_DTYPE", "bfloat16")
+    assert default_activation_dtype() == mx.bfloat16
+    monkeypatch.setenv("MM_DTYPE", "fp8")
+    with pytest.raises(ValueError, match="MM_DTYPE"):
+        default_activation_dtype()
+
+
+def test_warmup_runs_every_batch_size_and_leaves_generation_unchanged(make_tiny) -> None:
+    """Engine.warmup (what a GPU worker runs before it reports ready) computes a prefill and a
+    decode step per batch size up to the engine's limit, and changes no later result."""
+    from types import SimpleNamespace
+
+    import mlx.nn as nn
+
+    from metal_marlin.checkpoints import build_model
+    import mlx.core as mx
+
+    from metal_marlin.generate.engine import Engine
+    from metal_marlin.models.llama import LlamaConfig
+
+    cfg, weights = make_tiny()
+    model = build_model(LlamaConfig.from_hf_dict(cfg), weights)
+    nn.quantize(model, group_size=32, bits=4)
+    tokenizer = SimpleNamespace(eos_token_ids=set(), chat_template=None, vocab_size=cfg["vocab_size"])
+    engine = Engine(model, tokenizer, {"context_length": 256}, max_batch_size=4, dense_cpu_weights=False)
+    calls = []
+    forward = engine.forward_last
+    engine.forward_last = lambda tokens, cache, left_padding=None: calls.append(tuple(tokens.shape)) or forward(tokens, cache, left_padding)
+    before = engine.prefill([1, 2, 3], engine.make_cache())
+    calls.clear()
+    assert engine.warmup((1, 2, 8)) >= 0  # 8 exceeds max_batch_size: skipped
+    assert calls == [(1, 16), (1, 1), (2, 16), (2, 1)]
+    assert mx.array_equal(engine.prefill([1, 2, 3], engine.make_cache()), before)
+
+
+def test_a_gpu_worker_warms_a_model_up_when_it_loads_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    from metal_marlin.generate.engine import Engine
+    from worker import generation
+
+    warmed = []
+    monkeypatch.setattr(device, "on_gpu", lambda: True)
+    monkeypatch.setattr(Engine, "load", classmethod(lambda cls, path, **kw: SimpleEngine(kw["max_batch_size"])))
+    monkeypatch.setattr("metal_marlin.generate.scheduler.BatchScheduler", lambda engine: None)
+    monkeypatch.setattr(generation, "_param_bytes", lambda engine: 0)
+
+    class SimpleEngine:
+        dense_weight_bytes = 0
+
+        def __init__(self, max_batch_size: int) -> None:
+            self.max_batch_size = max_batch_size
+
+        def warmup(self, sizes):
+            warmed.append(list(sizes))
+            return 0.0
+
+    registry = generation.ModelRegistry(tmp_path, None, 1 << 30, max_batch_size=16)
+    registry._load_sync("m", None)
+    assert warmed == [[1, 2, 3, 4, 8, 16]]
+    monkeypatch.setattr(device, "on_gpu", lambda: False)
+    registry._load_sync("m", None)
+    assert len(warmed) == 1  # the CPU compiles nothing at run time: no warm-up
