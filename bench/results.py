@@ -179,7 +179,7 @@ def merge_gpu(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
 def _device_command(command: str | None) -> str:
     """A command as run on the GPU machine, with its scratch paths written as there."""
     text = command or "-"
-    for absolute, shown in (("--out <abs>/", "--out $OUT/"), ("--workdir <abs>/", "--workdir /tmp/"), ("/root/out/", "$OUT/")):
+    for absolute, shown in (("--out <abs>/", "--out $OUT/"), ("--workdir <abs>/", "--workdir <scratch>/"), ("/root/out/", "$OUT/")):
         text = text.replace(absolute, shown)
     return text
 
