@@ -12,11 +12,11 @@ in the activation dtype; ``w = scale*q + bias``.
 Design (the same on CUDA and Metal):
 
 * A *sub-warp* of ``LW`` lanes (8, 16 or 32: enough that every lane has work for short
-  rows like SmolLM2's K=576) walks one output row in 128-bit chunks (32 weights, one
-  16-byte load), ``UNROLL`` loads issued before any math, so a warp's loads are
-  contiguous, many are in flight, and every byte of ``W`` is read exactly once. Matrices
-  with few rows split each row over ``KS`` sub-warps (summed in shared memory) so that
-  the grid still fills the GPU.
+  rows like SmolLM2's K=576) walks ``R`` output rows in 128-bit chunks (32 weights, one
+  16-byte load per row), so a warp's loads are contiguous, R of them are in flight per
+  lane, each chunk of ``x`` is loaded and converted once for the R rows, and every byte
+  of ``W`` is read exactly once (R=1 on Metal). Matrices with few rows split each row over
+  ``KS`` sub-warps (summed in shared memory) so that the grid still fills the GPU.
 * The group's bias term needs only ``Σx``: ``Σ x*(s*q + b) = s*Σ x*q + b*Σ x``, so a
   weight costs one multiply-add.
 * Nibbles become floats without int-to-float conversions (quarter rate on Hopper): the
@@ -58,11 +58,9 @@ FUSED_GROUP_SIZES = (32, 64, 128, 256)
 FUSED_DTYPES = (mx.float16, mx.bfloat16, mx.float32)
 THREADS_PER_BLOCK = 256
 TARGET_THREADS = 132 * 2048
-UNROLL = 4  # loads in flight per lane of the one-row variant
 ROWS_PER_SUBWARP = 4
-"""Rows per sub-warp of the CUDA kernel (x loaded once for them: fewer instructions per
-weight, which bound the one-row variant). 1 selects the one-row variant; the self-check
-falls back to it if the R-row variant disagrees."""
+"""Rows per sub-warp of the CUDA kernel at one row of x (x is loaded once for them: fewer
+instructions per weight). The self-check falls back to 1 if 4 disagrees."""
 ENV_SWITCH = "MM_FUSED_KERNELS"
 
 _CUDA_HEADER = r"""
@@ -74,32 +72,25 @@ __device__ __forceinline__ void mm_load32(const float* p, float* f) {
     f[4 * i] = a.x; f[4 * i + 1] = a.y; f[4 * i + 2] = a.z; f[4 * i + 3] = a.w;
   }
 }
-__device__ __forceinline__ void mm_load32(const __half* p, float* f) {
+__device__ __forceinline__ float2 mm_float2(__half2 v) { return __half22float2(v); }
+__device__ __forceinline__ float2 mm_float2(__nv_bfloat162 v) { return __bfloat1622float2(v); }
+// 32 16-bit values (four 16-byte loads) as floats; H2 is the type's pair (__half2, __nv_bfloat162).
+template <typename H2, typename H>
+__device__ __forceinline__ void mm_load32_pairs(const H* p, float* f) {
   const uint4* v = reinterpret_cast<const uint4*>(p);
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
     uint4 a = v[i];
-    const __half2* h = reinterpret_cast<const __half2*>(&a);
+    const H2* h = reinterpret_cast<const H2*>(&a);
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
-      float2 t = __half22float2(h[j]);
+      float2 t = mm_float2(h[j]);
       f[8 * i + 2 * j] = t.x; f[8 * i + 2 * j + 1] = t.y;
     }
   }
 }
-__device__ __forceinline__ void mm_load32(const __nv_bfloat16* p, float* f) {
-  const uint4* v = reinterpret_cast<const uint4*>(p);
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    uint4 a = v[i];
-    const __nv_bfloat162* h = reinterpret_cast<const __nv_bfloat162*>(&a);
-#pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      float2 t = __bfloat1622float2(h[j]);
-      f[8 * i + 2 * j] = t.x; f[8 * i + 2 * j + 1] = t.y;
-    }
-  }
-}
+__device__ __forceinline__ void mm_load32(const __half* p, float* f) { mm_load32_pairs<__half2>(p, f); }
+__device__ __forceinline__ void mm_load32(const __nv_bfloat16* p, float* f) { mm_load32_pairs<__nv_bfloat162>(p, f); }
 // sum_i x[i] * q[i] over the 32 nibbles of one 128-bit chunk.
 __device__ __forceinline__ float mm_dot32(const uint4& q, const float* xf) {
   const uint32_t words[4] = {q.x, q.y, q.z, q.w};
@@ -121,91 +112,6 @@ __device__ __forceinline__ float mm_dot32(const uint4& q, const float* xf) {
 """
 
 _CUDA_SOURCE = r"""
-  // One output row per group of KS sub-warps of LW lanes; the KS sub-warps split K.
-  const int tid = threadIdx.x;
-  const int lane = tid % LW;
-  const int sub = tid / LW;
-  constexpr int SUBS = BLOCK / LW;
-  const int row = blockIdx.x * (SUBS / KS) + sub / KS;
-  const int ks = sub % KS;
-  const int chunks = w0_shape[1] / 4;
-  const int K = chunks * 32;
-  const int groups = K / G;
-  const int per_split = (chunks + KS - 1) / KS;
-  const int c_begin = ks * per_split;
-  const int c_end = min(c_begin + per_split, chunks);
-  // The matrices share x and are stacked along the output: pick this row's one.
-  const uint32_t* w = w0;
-  const T* scales = scales0;
-  const T* biases = biases0;
-  int local = row;
-@SELECT@
-  const int n_out = @NTOTAL@;
-  // no early return: shuffles and barriers need every thread; rows past the end recompute the last
-  const size_t rr = (size_t)(row < n_out ? local : w0_shape[0] - 1);
-  if (row >= n_out) { w = w0; scales = scales0; biases = biases0; }
-  const uint4* wrow = reinterpret_cast<const uint4*>(w) + rr * chunks;
-  const T* srow = scales + rr * groups;
-  const T* brow = biases + rr * groups;
-  float acc[M];
-#pragma unroll
-  for (int m = 0; m < M; ++m) acc[m] = 0.f;
-  for (int c0 = c_begin + lane; c0 < c_end; c0 += UNROLL * LW) {
-    uint4 q[UNROLL];
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {  // all loads first: UNROLL x 16 bytes in flight per lane
-      const int c = c0 + u * LW;
-      q[u] = c < c_end ? __ldg(wrow + c) : make_uint4(0u, 0u, 0u, 0u);
-    }
-#pragma unroll
-    for (int u = 0; u < UNROLL; ++u) {
-      const int c = c0 + u * LW;
-      if (c < c_end) {
-        const int g = (c * 32) / G;
-        const float s = static_cast<float>(srow[g]);
-        const float b = static_cast<float>(brow[g]);
-#pragma unroll
-        for (int m = 0; m < M; ++m) {
-          float xf[32];
-          mm_load32(x + (size_t)m * K + (size_t)c * 32, xf);
-          float xs = 0.f;
-#pragma unroll
-          for (int i = 0; i < 32; ++i) xs += xf[i];
-          acc[m] += s * mm_dot32(q[u], xf) + b * xs;
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int m = 0; m < M; ++m) {
-#pragma unroll
-    for (int off = LW / 2; off > 0; off >>= 1) acc[m] += __shfl_xor_sync(0xffffffffu, acc[m], off);
-  }
-  if constexpr (KS == 1) {
-    if (lane == 0 && row < n_out) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) y[(size_t)m * n_out + row] = static_cast<T>(acc[m]);
-    }
-  } else {
-    __shared__ float part[SUBS][M];
-    if (lane == 0) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) part[sub][m] = acc[m];
-    }
-    __syncthreads();
-    if (ks == 0 && lane == 0 && row < n_out) {
-#pragma unroll
-      for (int m = 0; m < M; ++m) {
-        float t = 0.f;
-#pragma unroll
-        for (int j = 0; j < KS; ++j) t += part[sub + j][m];
-        y[(size_t)m * n_out + row] = static_cast<T>(t);
-      }
-    }
-  }
-"""
-
-_CUDA_SOURCE_ROWS = r"""
   // R consecutive output rows per group of KS sub-warps of LW lanes (the KS split K):
   // each chunk of x is loaded and converted once for the R rows.
   const int tid = threadIdx.x;
@@ -406,20 +312,27 @@ def gpu_kernel_backend() -> str | None:
 
 
 @lru_cache(maxsize=None)
-def _kernel(backend: str, n_mats: int, rows_variant: bool):
-    """The kernel object for ``n_mats`` stacked matrices (MLX compiles each template instance
-    on first use). ``rows_variant``: the CUDA kernel with R rows per sub-warp."""
+def _kernel(backend: str, n_mats: int):
+    """The kernel object for ``n_mats`` stacked matrices (MLX compiles each template instance on first use)."""
     names = _input_names(n_mats)
     if backend == "cuda":
-        source = _CUDA_SOURCE_ROWS if rows_variant else _CUDA_SOURCE
         return mx.fast.cuda_kernel(
-            name=f"mm_int4_gemv{n_mats}{'r' if rows_variant else ''}", input_names=names, output_names=["y"],
-            source=_specialise(source, n_mats, cuda=True), header=_CUDA_HEADER,
+            name=f"mm_int4_gemv{n_mats}", input_names=names, output_names=["y"],
+            source=_specialise(_CUDA_SOURCE, n_mats, cuda=True), header=_CUDA_HEADER,
         )
     return mx.fast.metal_kernel(
         name=f"mm_int4_gemv{n_mats}", input_names=names, output_names=["y"],
         source=_specialise(_METAL_SOURCE, n_mats, cuda=False), header=_METAL_HEADER,
     )
+
+
+def rows_per_subwarp(rows: int, backend: str) -> int:
+    """R of the CUDA kernel for ``rows`` rows of x: each row of x costs registers per R
+    (ptxas: 128 registers for R=4 at one row, 250 at three), so 4 at one row, 2 beyond.
+    The Metal kernel owns one row per sub-warp."""
+    if backend != "cuda":
+        return 1
+    return ROWS_PER_SUBWARP if rows == 1 else min(2, ROWS_PER_SUBWARP)
 
 
 def launch_shape(rows: int, in_features: int, out_features: int, rows_per_subwarp: int = 1) -> tuple[int, int, int]:
@@ -486,13 +399,12 @@ def int4_gemv_stacked(
             scales, biases = scales.astype(x.dtype), biases.astype(x.dtype)
         inputs += [w, scales, biases]
         n += w.shape[0]
-    # R rows cost registers per row of x too: 4 rows at one x row, 2 beyond (measured
-    # with ptxas: 128 registers for R=4, M=1; 250 for R=4, M=3).
-    r = (ROWS_PER_SUBWARP if rows == 1 else min(2, ROWS_PER_SUBWARP)) if backend == "cuda" else 1
+    r = rows_per_subwarp(rows, backend)
     lw, ks, threads = launch_shape(rows, k, n, r)
     template = [("T", x.dtype), ("M", rows), ("G", group_size), ("LW", lw), ("KS", ks), ("BLOCK", THREADS_PER_BLOCK)]
-    template.append(("R", r) if r > 1 else ("UNROLL", UNROLL))
-    (y,) = _kernel(backend, len(matrices), r > 1)(
+    if backend == "cuda":
+        template.append(("R", r))
+    (y,) = _kernel(backend, len(matrices))(
         inputs=inputs,
         template=template,
         grid=(threads, 1, 1),
@@ -565,8 +477,8 @@ def self_check(dtype: mx.Dtype, details: list[dict] | None = None) -> float:
             mlx = mx.quantized_matmul(x, w, scales, biases, transpose=True, group_size=min(group, 128), bits=4) if group <= 128 else None
             details.append({
                 "rows": x.shape[0], "K": x.shape[1], "N": [m[0].shape[0] for m in mats], "group": group,
-                "launch": launch_shape(x.shape[0], x.shape[1], sum(m[0].shape[0] for m in mats), ROWS_PER_SUBWARP if x.shape[0] == 1 else min(2, ROWS_PER_SUBWARP)),
-                "rows_per_subwarp": ROWS_PER_SUBWARP,
+                "launch": launch_shape(x.shape[0], x.shape[1], sum(m[0].shape[0] for m in mats), rows_per_subwarp(x.shape[0], "cuda")),
+                "rows_per_subwarp": rows_per_subwarp(x.shape[0], "cuda"),
                 "error": error,
                 "mlx_quantized_matmul_error": None if mlx is None else _relative_error(mlx.astype(mx.float32), _reference(x, w, scales, biases, group)),
             })

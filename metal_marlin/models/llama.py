@@ -316,13 +316,14 @@ class MLP(nn.Module):
 
 
 COMPILE_ENV = "MM_COMPILE"
+_COMPILE_ALLOWED = os.environ.get(COMPILE_ENV, "1") != "0"  # read once: asked per block per step
 
 
 def compiled_decode_enabled() -> bool:
     """Whether decode steps run the compiled block (:meth:`DecoderBlock._decode_compiled`):
-    on a GPU, unless ``MM_COMPILE=0``. On the CPU graph building is not the bottleneck and
-    the uncompiled path keeps its bit-for-bit batching guarantees."""
-    return device.on_gpu() and os.environ.get(COMPILE_ENV, "1") != "0"
+    on a GPU, unless ``MM_COMPILE=0`` (read at import). On the CPU graph building is not
+    the bottleneck and the uncompiled path keeps its bit-for-bit batching guarantees."""
+    return _COMPILE_ALLOWED and device.on_gpu()
 
 
 class DecoderBlock(nn.Module):
