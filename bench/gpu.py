@@ -426,68 +426,20 @@ class IdsTokenizer:
 
 def llama_config(kind: str) -> Any:
     """Llama-3-8B's shape (random weights), or a tiny one for the smoke run."""
-    from metal_marlin.models.llama import LlamaConfig
+    from _models import llama_config as shaped
 
     if kind == "8b":
-        dims = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                    num_key_value_heads=8, head_dim=128, vocab_size=128256)
-    else:
-        dims = dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, head_dim=64, vocab_size=1024)
-    return LlamaConfig(**dims, rms_norm_eps=1e-5, rope_theta=500000.0, tie_word_embeddings=False,
-                       max_position_embeddings=8192)
+        return shaped()
+    return shaped(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64, vocab_size=1024)
 
 
-class _Shape:
-    """A tensor stand-in with only ``.shape``: ``quantize_model_layers`` reads shapes alone."""
+def random_quantized_llama(config: Any, dtype: Any = mx.float16) -> Any:
+    """bench/_models.py's random 4-bit g64 model of shape ``config`` (no float weight is
+    ever materialised; activations stay bounded)."""
+    from _models import random_quantized_llama as build
 
-    def __init__(self, *shape: int) -> None:
-        self.shape = shape
-
-
-_UNIFORM_CODE_STD = 4.61  # std of a uniform 4-bit code (0..15)
-
-
-def random_words(shape: tuple[int, int]) -> mx.array:
-    """Uniformly random uint32 words (every bit random: 8 uniform 4-bit codes each)."""
-    return mx.random.randint(-(2**31), 2**31 - 1, shape, dtype=mx.int32).view(mx.uint32)
-
-
-def random_quantized_llama(config: Any, group_size: int = 64, bits: int = 4, dtype: Any = mx.float16, seed: int = 0) -> Any:
-    """Our ``LlamaModel`` with every linear, the embedding and lm_head quantized, random codes.
-
-    No float weight is ever materialised: the model's float init is lazy and is replaced
-    module by module (each evaluated at once) by random packed codes, scales
-    ``~ 1 / (4.61 sqrt(in))`` (so each output has unit scale for unit inputs) and biases
-    ``-8 * scale`` (codes centred); norms are ones. Activations then stay bounded through
-    every layer (the section checks the logits are finite).
-    """
-    from metal_marlin.models.layers import QuantizedLinear, quantize_model_layers
-    from metal_marlin.models.llama import LlamaModel
-
-    mx.random.seed(seed)
-    model = LlamaModel(config)
-    shapes: dict[str, _Shape] = {}
-    for path, module in model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            out_dims, in_dims = module.weight.shape
-            shapes[f"{path}.weight"] = _Shape(out_dims, in_dims * bits // 32)
-            shapes[f"{path}.scales"] = _Shape(out_dims, in_dims // group_size)
-    quantize_model_layers(model, {"group_size": group_size, "bits": bits}, shapes)
-    for _, module in model.named_modules():
-        if isinstance(module, (QuantizedLinear, nn.QuantizedEmbedding)):
-            out_dims, packed = module.weight.shape
-            in_dims = packed * 32 // bits
-            base = 1.0 / (_UNIFORM_CODE_STD * in_dims**0.5)
-            scales = (base * mx.random.uniform(0.5, 1.5, (out_dims, in_dims // group_size))).astype(dtype)
-            module.weight = random_words((out_dims, packed))
-            module.scales = scales
-            module.biases = -7.5 * scales  # codes 0..15 have mean 7.5: zero-mean weights (-8 left a common mode that gave NaN at 32 layers)
-            mx.eval(module.weight, module.scales, module.biases)
-        elif isinstance(module, nn.RMSNorm):
-            module.weight = mx.ones(module.weight.shape, dtype=dtype)
-            mx.eval(module.weight)
-    return model
+    return build(config, dtype)
 
 
 def mlx_lm_llama(config: Any, params: dict[str, mx.array], group_size: int = 64, bits: int = 4) -> Any:
