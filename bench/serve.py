@@ -247,6 +247,8 @@ def mlx_lm_server(folder: Path, scratch: Path, env: dict[str, str], python: str,
     """``mlx_lm.server`` on 127.0.0.1 for ``folder`` (not started). ``float32``: on a float32
     copy (MLX's x86 CPU backend has no fast float16 matmul), with the BLAS metal_marlin
     interposes when it loaded one; on a GPU the folder as stored."""
+    from metal_marlin import _blas
+
     folder = float32_copy(folder, scratch / "model-float32") if float32 else folder
     their_env = dict(env)
     if _blas.loaded_blas:
