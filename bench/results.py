@@ -155,13 +155,24 @@ def plot_throughput(generate: dict[str, Any] | None, serve: dict[str, Any] | Non
 # ------------------------------------------------------------------------------ GPU
 
 #: Reports brought back from the GPU machine (see README "On an NVIDIA GPU"): bench/gpu.py
-#: runs as several commands (each under the device's 10-minute limit), one report each.
-GPU_REPORTS = ("gpu-a", "gpu-b")
+#: runs as several commands (each under the device's 10-minute limit), one report each,
+#: saved as bench/out/gpu-a.json, gpu-b.json, ... in the order they ran.
 GPU_KERNELS_REPORT = "gpu-kernels"
 
 
+def gpu_report_names() -> list[str]:
+    """``gpu-a``, ``gpu-b``, ...: the bench/gpu.py reports present, in run order."""
+    return sorted(p.stem for p in OUT.glob("gpu-?.json"))
+
+
+def load_gpu_reports() -> list[dict[str, Any]]:
+    return [r for name in gpu_report_names() if (r := load_report(name))]
+
+
 def merge_gpu(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """One bench/gpu.py report from the reports of several commands in one machine session."""
+    """One bench/gpu.py report from the reports of several commands in one machine session.
+    A later report's section replaces an earlier one, except where the later one only says it
+    was skipped: a command that leaves a section out does not erase the figures of another."""
     if not reports:
         return None
     from gpu import summarize
@@ -169,11 +180,19 @@ def merge_gpu(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
     merged = {k: v for k, v in reports[0].items() if k not in ("sections", "errors", "summary")}
     merged["sections"], merged["errors"], merged["commands"] = {}, {}, []
     for rep in reports:
-        merged["sections"].update(rep.get("sections", {}))
+        for name, section in rep.get("sections", {}).items():
+            if _skipped(section) and name in merged["sections"]:
+                continue
+            merged["sections"][name] = section
+            merged["errors"].pop(name, None)
         merged["errors"].update(rep.get("errors", {}))
         merged["commands"].append(rep.get("machine", {}).get("command") or rep.get("command"))
     merged["summary"] = summarize(merged)
     return merged
+
+
+def _skipped(section: Any) -> bool:
+    return isinstance(section, dict) and "skipped" in section
 
 
 def _device_command(command: str | None) -> str:
@@ -480,9 +499,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.gpu_only:
         sys.path.insert(0, str(HERE))
-        gpu = merge_gpu([r for name in GPU_REPORTS if (r := load_report(name))])
+        gpu = merge_gpu(load_gpu_reports())
         if gpu is None:
-            parser.error("no bench/out/gpu-a.json or gpu-b.json to render")
+            parser.error("no bench/out/gpu-?.json report to render")
         page = (DOCS / "RESULTS.md").read_text()
         (DOCS / "RESULTS.md").write_text(replace_gpu_section(page, gpu_section(gpu, load_report(GPU_KERNELS_REPORT))))
         print(f"wrote the GPU section of {DOCS / 'RESULTS.md'}")
@@ -496,7 +515,7 @@ def main() -> None:
             run_benchmark(name)
     quality = merge_quality([r for name in BENCHMARKS if name.startswith("quality") and (r := load_report(name))])
     sys.path.insert(0, str(HERE))
-    gpu = merge_gpu([r for name in GPU_REPORTS if (r := load_report(name))])
+    gpu = merge_gpu(load_gpu_reports())
     page = render_page(quality, load_report("generate"), load_report("serve"), gpu, load_report(GPU_KERNELS_REPORT))
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "RESULTS.md").write_text(page)

@@ -94,3 +94,26 @@ def test_random_int4_llama_is_the_same_model_in_mlx_lm(gpu):
     assert check["finite"] and check["max_abs_diff"] < 1e-2 and check["argmax_agree"] == 1.0
     sizes = gpu.decode_weight_bytes(ours)
     assert sizes["embedding_row_bytes"] == (256 * 4 // 8) + 2 * (256 // 64) * 2  # codes + fp16 scale, bias
+
+
+def test_merging_reports_keeps_measured_sections_over_later_skips():
+    """Reports from several device commands: a later command that skipped a section does not
+    erase an earlier measurement, a later measurement replaces an earlier one and its error."""
+    spec = importlib.util.spec_from_file_location("bench_results", BENCH / "results.py")
+    results = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec.loader.exec_module(results)
+        first = {"machine": {"command": "a"}, "sections": {"smollm": {"section_s": 1.0}, "awq": {"skipped": "budget"},
+                                                          "serve": {"levels": {}}},
+                 "errors": {"serve": "NameError: x"}}
+        second = {"machine": {"command": "b"}, "sections": {"smollm": {"skipped": "budget"}, "awq": {"runs": {}},
+                                                           "serve": {"levels": {"1": {}}}}, "errors": {}}
+        merged = results.merge_gpu([first, second])
+    finally:
+        sys.path.remove(str(BENCH))
+    assert merged["sections"]["smollm"] == {"section_s": 1.0}
+    assert merged["sections"]["awq"] == {"runs": {}}
+    assert merged["sections"]["serve"] == {"levels": {"1": {}}}
+    assert merged["errors"] == {}
+    assert merged["commands"] == ["a", "b"]
