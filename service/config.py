@@ -9,7 +9,8 @@
 ``MM_MAX_BODY_BYTES``    largest request body (1 MiB), except uploads
 ``MM_MAX_UPLOAD_BYTES``  largest file upload, ``POST /v1/files`` (4 GiB)
 ``MM_MAX_QUEUED_JOBS``   queued jobs beyond which submissions get 429 (16)
-``MM_MAX_INFLIGHT``      concurrent generation requests beyond which requests get 429 (32)
+``MM_MAX_INFLIGHT``      concurrent generation requests beyond which requests get 429 (unset:
+                         twice the worker's decode batch, so 32 on a CPU worker, 256 on a GPU)
 ``MM_MAX_PROMPTS``       prompts x n per completion request (16)
 ``MM_REQUEST_TIMEOUT``   seconds a generation may wait for its next token (300)
 ``MM_WORKER_SOCKET``     Unix socket of the worker (``<data>/run/worker.sock``)
@@ -34,6 +35,7 @@ from typing import Any
 from worker.served import parse_served_models
 from worker.sources import parse_roots
 
+DEFAULT_INFLIGHT = 32  # the in-flight limit before the worker reports its decode batch
 MAX_UDS_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
 
@@ -86,7 +88,8 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 4 << 30
     max_queued_jobs: int = 16
-    max_inflight: int = 32
+    #: None: follow the worker (:meth:`inflight_limit`); a number: exactly that many.
+    max_inflight: int | None = None
     max_prompts: int = 16
     request_timeout_s: float = 300.0
     worker_socket: Path | None = None
@@ -107,8 +110,18 @@ class Settings:
         if self.worker_socket is not None:
             self.worker_socket = Path(self.worker_socket)
         for name in ("max_body_bytes", "max_upload_bytes", "max_queued_jobs", "max_inflight", "max_prompts", "worker_memory_mb"):
-            if getattr(self, name) < 1:
+            if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    def inflight_limit(self, worker_batch: int | None) -> int:
+        """Generation requests admitted at once. Unless ``MM_MAX_INFLIGHT`` fixes it: twice the
+        worker's decode batch (``worker_batch``, from its readiness answer), so one full batch
+        decodes while as many wait for a free row; a GPU worker batches 128 sequences where a
+        CPU one batches 16, and a fixed 32 would leave most of a GPU's batch empty. 32 while
+        the worker has not said (it is not ready then, and requests get 503 anyway)."""
+        if self.max_inflight is not None:
+            return self.max_inflight
+        return 2 * worker_batch if worker_batch else DEFAULT_INFLIGHT
 
     @property
     def spawn_worker(self) -> bool:
@@ -131,7 +144,7 @@ class Settings:
             "max_body_bytes": _env_int("MM_MAX_BODY_BYTES", 1 << 20),
             "max_upload_bytes": _env_int("MM_MAX_UPLOAD_BYTES", 4 << 30),
             "max_queued_jobs": _env_int("MM_MAX_QUEUED_JOBS", 16),
-            "max_inflight": _env_int("MM_MAX_INFLIGHT", 32),
+            "max_inflight": _env_int("MM_MAX_INFLIGHT", 0) if os.environ.get("MM_MAX_INFLIGHT", "").strip() else None,
             "max_prompts": _env_int("MM_MAX_PROMPTS", 16),
             "request_timeout_s": _env_float("MM_REQUEST_TIMEOUT", 300.0),
             "worker_socket": Path(os.environ["MM_WORKER_SOCKET"]) if os.environ.get("MM_WORKER_SOCKET") else None,

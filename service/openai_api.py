@@ -135,10 +135,11 @@ def _admit(state: ServiceState, endpoint: str) -> None:
     if not state.supervisor.ready:
         state.metrics.generations.inc(endpoint=endpoint, outcome="unavailable")
         raise APIError(503, "the worker is not ready yet; retry shortly", code="worker_unavailable", headers={"Retry-After": "5"})
-    if state.inflight >= state.settings.max_inflight:
+    limit = state.settings.inflight_limit(state.supervisor.ready_info.get("max_batch_size"))
+    if state.inflight >= limit:
         state.metrics.rejected.inc(reason="too_many_requests")
         state.metrics.generations.inc(endpoint=endpoint, outcome="rejected")
-        raise APIError(429, f"too many requests in flight (limit {state.settings.max_inflight}); retry shortly", code="too_many_requests", headers={"Retry-After": "1"})
+        raise APIError(429, f"too many requests in flight (limit {limit}); retry shortly", code="too_many_requests", headers={"Retry-After": "1"})
 
 
 @dataclass

@@ -392,3 +392,31 @@ def test_result_download_in_the_autoawq_format(client: TestClient, settings: Set
     plain = client.get(f"/v1/quantization/jobs/{ids['mlx']}", headers=AUTH).json()
     assert plain["result_formats"] == ["mlx"] and plain["autoawq_result_files"] == []
     assert_error(client.get(f"/v1/quantization/jobs/{ids['mlx']}/result", headers=AUTH, params={"format": "autoawq"}), 409, "format_not_available", "format")
+
+
+def test_inflight_limit_follows_the_worker_batch_unless_set(monkeypatch) -> None:
+    assert Settings().inflight_limit(None) == 32  # the worker has not said yet
+    assert Settings().inflight_limit(16) == 32  # a CPU worker: as before
+    assert Settings().inflight_limit(128) == 256  # a GPU worker batches 128
+    assert Settings(max_inflight=5).inflight_limit(128) == 5
+    monkeypatch.setenv("MM_MAX_INFLIGHT", "7")
+    assert Settings.from_env().inflight_limit(128) == 7
+    monkeypatch.setenv("MM_MAX_INFLIGHT", "0")
+    with pytest.raises(ValueError, match="max_inflight"):
+        Settings.from_env()
+    monkeypatch.setenv("MM_MAX_INFLIGHT", "many")
+    with pytest.raises(ValueError, match="MM_MAX_INFLIGHT"):
+        Settings.from_env()
+
+
+def test_generation_over_the_worker_derived_limit_is_429(client: TestClient) -> None:
+    state = client.app.state.mm
+    state.supervisor.ready_info = {"pid": 1, "max_batch_size": 2, "loaded_models": [], "active_requests": 0}
+    state.supervisor.ready = True
+    state.inflight = 4
+    try:
+        resp = client.post("/v1/completions", headers=AUTH, json={"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 2})
+        err = assert_error(resp, 429, "too_many_requests")
+        assert "limit 4" in err["message"] and resp.headers["Retry-After"] == "1"
+    finally:
+        state.supervisor.ready, state.inflight = False, 0

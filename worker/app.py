@@ -144,6 +144,7 @@ def create_worker_app(state: WorkerState) -> FastAPI:
             loaded_models=[m.id for m in state.registry.loaded()],
             active_requests=sum(m.active for m in state.registry.loaded()),
             device_info=state.device_info,
+            max_batch_size=state.registry.max_batch_size,
         )
 
     @app.post("/jobs/wake", status_code=204)

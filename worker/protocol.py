@@ -96,6 +96,9 @@ class ReadyResponse(BaseModel):
     #: :func:`metal_marlin.device.device_info`: ``device`` ("gpu"/"cpu"), ``backend``
     #: ("cuda"/"metal"/"cpu"), ``device_name``, ``memory_bytes``, versions.
     device_info: dict[str, Any] | None = None
+    #: Sequences one decode step batches (``MM_MAX_BATCH_SIZE``; 128 on a GPU, 16 on a CPU):
+    #: the gateway admits twice this many generation requests unless told otherwise.
+    max_batch_size: int | None = None
 
 
 class LoadedModelInfo(BaseModel):
