@@ -191,6 +191,16 @@ def merge_gpu(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
     return merged
 
 
+def _spread(serve: dict[str, Any], clients: str) -> str:
+    """The per-run tokens/s behind a gateway-cost figure: the service's and the engine's alone."""
+    def runs(fig: Any) -> str:
+        values = [r.get("output_tokens_per_s") for r in (fig or {}).get("runs", []) if isinstance(r, dict)]
+        return "/".join(f"{v:,.0f}" for v in values if isinstance(v, (int, float))) or "-"
+    service = runs((serve.get("levels", {}).get(clients) or {}).get("ours"))
+    engine = runs((serve.get("gateway", {}).get(clients) or {}).get("engine"))
+    return f"service runs {service}, engine-alone runs {engine} tok/s"
+
+
 def _skipped(section: Any) -> bool:
     return isinstance(section, dict) and "skipped" in section
 
@@ -337,8 +347,10 @@ def render_gpu(gpu: dict[str, Any], kernels: dict[str, Any] | None) -> list[str]
                              f"{_f(summary.get(f'serve.{n}.{who}_ttft_p99_s'), 3)} | {_f(summary.get(f'serve.{n}.{who}_errors'))} |")
         costs = {k.split(".")[-1]: v for k, v in summary.items() if k.startswith("serve.gateway_cost_pct.")}
         if costs:
-            lines += ["", "Gateway cost (engine alone vs through the service, same prompts): "
-                      + ", ".join(f"{n} stream(s): {_f(v)}%" for n, v in sorted(costs.items(), key=lambda kv: int(kv[0]))) + "."]
+            serve = sections.get("serve") or {}
+            lines += ["", "Gateway cost (1 - service tokens/s / engine-alone tokens/s, same prompts; a negative cost "
+                      "means the spread of the runs is larger than the cost): "
+                      + "; ".join(f"{n} stream(s): {_f(v)}% ({_spread(serve, n)})" for n, v in sorted(costs.items(), key=lambda kv: int(kv[0]))) + "."]
         lines.append("")
     if "ppl.gpu" in summary:
         lines += ["### Perplexity on the GPU vs the CPU (our 4-bit SmolLM2, held-out Wikipedia)", "",
