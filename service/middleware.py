@@ -43,7 +43,9 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        streamed_limit = self.streamed.get((scope.get("method", ""), scope.get("path", "")))
+        # "/v1/files/" is the same upload route as "/v1/files" (see service.files)
+        path = scope.get("path", "")
+        streamed_limit = self.streamed.get((scope.get("method", ""), path.rstrip("/") or path))
         limit = self.limit if streamed_limit is None else streamed_limit
         slack = 0 if streamed_limit is None else STREAMED_SLACK
         for name, value in scope.get("headers", ()):

@@ -372,3 +372,16 @@ def test_follow_events_streams_as_they_are_written(tmp_path: Path) -> None:
 
     text = asyncio.run(consume_deleted())
     assert '"type":"created"' in text and '"code": "job_not_found"' in text and "[DONE]" not in text
+
+
+def test_files_path_with_a_trailing_slash_is_the_same_endpoint(client: TestClient, settings: Settings) -> None:
+    """``POST /v1/files/`` uploads (with the upload limit, not the 4 KiB JSON one) and
+    ``GET /v1/files/`` lists, exactly as without the slash: no redirect, nothing lost."""
+    text = b"calibration " * 1000  # 12 KB: over the JSON body limit of these tests
+    resp = client.post("/v1/files/", headers=AUTH, files={"file": ("c.txt", text)}, data={"purpose": "calibration"}, follow_redirects=False)
+    assert resp.status_code == 200, resp.text
+    obj = resp.json()
+    assert obj["bytes"] == len(text) and (settings.data_dir / "files" / obj["id"]).read_bytes() == text
+    listed = client.get("/v1/files/", headers=AUTH, follow_redirects=False)
+    assert listed.status_code == 200 and [f["id"] for f in listed.json()["data"]] == [obj["id"]]
+    assert_error(client.post("/v1/files/", files={"file": ("c.txt", text)}, data={"purpose": "calibration"}), 401)
