@@ -160,13 +160,9 @@ def plot_throughput(generate: dict[str, Any] | None, serve: dict[str, Any] | Non
 GPU_KERNELS_REPORT = "gpu-kernels"
 
 
-def gpu_report_names() -> list[str]:
-    """``gpu-a``, ``gpu-b``, ...: the bench/gpu.py reports present, in run order."""
-    return sorted(p.stem for p in OUT.glob("gpu-?.json"))
-
-
 def load_gpu_reports() -> list[dict[str, Any]]:
-    return [r for name in gpu_report_names() if (r := load_report(name))]
+    """bench/out/gpu-a.json, gpu-b.json, ...: the bench/gpu.py reports present, in run order."""
+    return [r for name in sorted(p.stem for p in OUT.glob("gpu-?.json")) if (r := load_report(name))]
 
 
 def merge_gpu(reports: list[dict[str, Any]]) -> dict[str, Any] | None:

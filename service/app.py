@@ -19,7 +19,7 @@ from service import files, jobs, openai_api
 from service.config import Settings
 from service.errors import install_error_handlers
 from service.metrics import CONTENT_TYPE, ServiceMetrics
-from service.middleware import BodySizeLimit, RequestMetrics
+from service.middleware import BodySizeLimit, RequestMetrics, TrailingSlash
 from service.schemas import Health
 from service.state import ServiceState, get_state
 from service.supervisor import WorkerSupervisor
@@ -111,9 +111,11 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
         return PlainTextResponse(text, media_type=CONTENT_TYPE)
 
     _use_error_shape_in_openapi(app)
-    # the middleware added last is outermost: metrics see every response, 413s included
+    # the middleware added last is outermost: metrics see every response, 413s included, and
+    # every layer sees the path without its trailing slash
     app.add_middleware(BodySizeLimit, limit=settings.max_body_bytes, streamed={("POST", files.UPLOAD_PATH): settings.max_upload_bytes})
     app.add_middleware(RequestMetrics, metrics=metrics)
+    app.add_middleware(TrailingSlash)
     return app
 
 

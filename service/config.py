@@ -39,7 +39,7 @@ DEFAULT_INFLIGHT = 32  # the in-flight limit before the worker reports its decod
 MAX_UDS_PATH = 100  # sun_path is 108 bytes on Linux, 104 on macOS
 
 
-def _env_int(name: str, default: int) -> int:
+def _env_int(name: str, default: int | None) -> int | None:
     raw = os.environ.get(name, "").strip()
     if not raw:
         return default
@@ -144,7 +144,7 @@ class Settings:
             "max_body_bytes": _env_int("MM_MAX_BODY_BYTES", 1 << 20),
             "max_upload_bytes": _env_int("MM_MAX_UPLOAD_BYTES", 4 << 30),
             "max_queued_jobs": _env_int("MM_MAX_QUEUED_JOBS", 16),
-            "max_inflight": _env_int("MM_MAX_INFLIGHT", 0) if os.environ.get("MM_MAX_INFLIGHT", "").strip() else None,
+            "max_inflight": _env_int("MM_MAX_INFLIGHT", None),
             "max_prompts": _env_int("MM_MAX_PROMPTS", 16),
             "request_timeout_s": _env_float("MM_REQUEST_TIMEOUT", 300.0),
             "worker_socket": Path(os.environ["MM_WORKER_SOCKET"]) if os.environ.get("MM_WORKER_SOCKET") else None,

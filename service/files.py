@@ -164,7 +164,6 @@ class _Upload:
         self.tmp_path.unlink(missing_ok=True)
 
 
-@router.post("/", response_model=FileObject, include_in_schema=False)  # OpenAI's path with a trailing slash: the same route
 @router.post(
     "",
     response_model=FileObject,
@@ -229,7 +228,6 @@ def _publish(state: ServiceState, upload: _Upload, file_id: str) -> StoredFile:
         raise
 
 
-@router.get("/", response_model=FileList, include_in_schema=False)
 @router.get("", response_model=FileList, summary="List uploaded files", responses=error_responses(400, 401))
 def list_files(
     request: Request,

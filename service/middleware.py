@@ -25,6 +25,23 @@ async def _send_413(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
+class TrailingSlash:
+    """``/v1/files/`` is ``/v1/files``: drop one trailing slash from the path before anything
+    routes or limits by it (OpenAI's clients and docs use both spellings; a redirect would
+    make an upload send its body twice, and meet the other routes' body limit first)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path[:-1]}
+            if isinstance(scope.get("raw_path"), bytes) and scope["raw_path"].endswith(b"/"):
+                scope["raw_path"] = scope["raw_path"][:-1]
+        await self.app(scope, receive, send)
+
+
 class BodySizeLimit:
     """Refuse bodies over ``limit`` bytes with 413: by Content-Length up front, else while reading.
 
@@ -43,9 +60,7 @@ class BodySizeLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        # "/v1/files/" is the same upload route as "/v1/files" (see service.files)
-        path = scope.get("path", "")
-        streamed_limit = self.streamed.get((scope.get("method", ""), path.rstrip("/") or path))
+        streamed_limit = self.streamed.get((scope.get("method", ""), scope.get("path", "")))
         limit = self.limit if streamed_limit is None else streamed_limit
         slack = 0 if streamed_limit is None else STREAMED_SLACK
         for name, value in scope.get("headers", ()):
