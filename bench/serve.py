@@ -105,8 +105,8 @@ def ensure_model(path: Path, python: str) -> Path:
 
 def register_as_job(data_dir: Path, folder: Path) -> str:
     """Make ``folder`` a succeeded job of the scratch data dir (row + ``jobs/<id>/``)."""
-    from worker.jobstore import JobStore
-    from worker.runner import result_dir, result_summary
+    from jobstore import open_store
+    from jobstore.layout import result_dir, result_summary
 
     config = json.loads((folder / "config.json").read_text())
     quant = config.get("quantization") or {}
@@ -117,7 +117,7 @@ def register_as_job(data_dir: Path, folder: Path) -> str:
         "salient_ratio": float(stats.get("salient_ratio", 0.0)), "activation_method": str(stats.get("activation_method", "rms")),
         "n_samples": 0, "seq_len": 0, "n_grid": int(stats.get("n_grid", 0)), "duo_scaling": bool(stats.get("duo_scaling", False)),
     }
-    store = JobStore.in_data_dir(data_dir)
+    store = open_store(data_dir)
     job, _ = store.create_job({"model": {"source": "path", "path": str(folder)}, "calibration": {"source": "builtin"}, "hyperparameters": hp})
     store.claim("bench")
     target = result_dir(data_dir, job.id)

@@ -12,6 +12,7 @@ its job processes) compute on the same device.
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import subprocess
@@ -23,6 +24,8 @@ from metal_marlin.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
 from metal_marlin.device import DEVICE_CHOICES, DEVICE_ENV, MLXUnavailableError, parse_device, select_device
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+#: The entry point group through which the service and the worker add their commands.
+COMMANDS_GROUP = "metal_marlin.commands"
 
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
@@ -193,51 +196,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", required=True, choices=("autoawq", "native"), help="layout to write")
     export.set_defaults(func=run_export)
 
-    serve = sub.add_parser("serve", parents=common, help="start the HTTP service (supervises its own worker)")
-    serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--port", type=int, default=8000)
-    serve.add_argument("--data-dir", default=None, help="default: $MM_DATA_DIR or ./data")
-    serve.add_argument("--model", dest="served_models", action="append", default=None, metavar="NAME=PATH",
-                       help="also serve a local .gguf file, HF/MLX folder, quantized or AutoAWQ GEMM folder under NAME "
-                       "(repeatable; replaces $MM_SERVED_MODELS, which holds NAME=PATH entries separated by os.pathsep)")
-    serve.set_defaults(func=run_serve)
-
-    worker = sub.add_parser("worker", parents=common, help="run a worker process on its own")
-    worker.add_argument("--data-dir", required=True)
-    worker.add_argument("--socket-path", default=None)
-    worker.set_defaults(func=run_worker_command)
-
-    openapi = sub.add_parser("openapi", parents=common, help="write openapi/openapi.json from the app")
-    openapi.add_argument("--output", default=None)
-    openapi.set_defaults(func=run_openapi)
-
     info = sub.add_parser("info", parents=common, help="versions, the compute device (GPU or CPU) and its memory")
     info.add_argument("--json", action="store_true", help="print a JSON object")
     info.set_defaults(func=run_info)
+    for command in _registered_commands():
+        command.load()(sub, common)
     return parser
 
 
-def run_serve(args: argparse.Namespace) -> int:
-    # The service layer is imported lazily: the library never depends on it.
-    from service.main import serve
-
-    serve(host=args.host, port=args.port, data_dir=args.data_dir, served_models=args.served_models)
-    return 0
-
-
-def run_worker_command(args: argparse.Namespace) -> int:
-    from worker.main import run_worker
-
-    run_worker(args.data_dir, args.socket_path)
-    return 0
-
-
-def run_openapi(args: argparse.Namespace) -> int:
-    from service.openapi_export import write_openapi
-
-    path = write_openapi(args.output) if args.output else write_openapi()
-    print(f"wrote {path}")
-    return 0
+def _registered_commands() -> list[importlib.metadata.EntryPoint]:
+    """Commands other packages add (``serve``, ``worker``, ``openapi`` from the service and
+    the worker), found through the ``metal_marlin.commands`` entry point group: the library
+    never imports the layers built on it. Each entry point is ``register(subparsers, parents)``
+    and may set ``device_mode`` on its parser: ``"select"`` (the default: select the device
+    here), ``"export"`` (only pass ``--device`` on to the processes it starts; an explicit
+    GPU request is checked in a throwaway interpreter) or ``"none"`` (no device at all)."""
+    return sorted(importlib.metadata.entry_points(group=COMMANDS_GROUP), key=lambda e: e.name)
 
 
 def _probe_device_in_subprocess(device: str) -> None:
@@ -257,13 +231,14 @@ def _probe_device_in_subprocess(device: str) -> None:
 
 def _apply_device(args: argparse.Namespace) -> None:
     """``--device`` (else ``MM_DEVICE``, else auto): select it here, export it to children."""
-    if args.command == "openapi":  # no MLX needed
+    mode = getattr(args, "device_mode", "select")
+    if mode == "none":
         return
     requested = args.device if args.device is not None else getattr(args, "global_device", None)
     device = parse_device(requested)  # ValueError for a bad MM_DEVICE
     if requested is not None:
         os.environ[DEVICE_ENV] = device  # inherited by the worker and its job processes
-    if args.command == "serve":  # the worker selects; only an explicit GPU request can fail
+    if mode == "export":  # a process started from here selects; only an explicit GPU request can fail
         if device == "gpu":
             _probe_device_in_subprocess(device)
         return

@@ -23,7 +23,7 @@ from service.middleware import BodySizeLimit, RequestMetrics, TrailingSlash
 from service.schemas import Health
 from service.state import ServiceState, get_state
 from service.supervisor import WorkerSupervisor
-from worker.jobstore import JobStore
+from jobstore import open_store
 
 log = logging.getLogger("metal_marlin.service")
 
@@ -71,7 +71,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
         lifespan=lifespan,
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = JobStore.in_data_dir(settings.data_dir)
+    store = open_store(settings.data_dir)
     supervisor = WorkerSupervisor(settings, store, on_restart=lambda: metrics.worker_restarts.inc())
     metrics = ServiceMetrics(job_counts=store.counts, worker_up=lambda: supervisor.ready, worker_device=lambda: supervisor.ready_info.get("device_info"))
     app.state.mm = ServiceState(settings=settings, store=store, supervisor=supervisor, metrics=metrics)

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from jobstore import DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS_ENV
 from worker.served import parse_served_models
 from worker.sources import parse_roots
 
@@ -88,6 +89,8 @@ class Settings:
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 4 << 30
     max_queued_jobs: int = 16
+    #: A job whose worker dies goes back to the queue until it has started this many times.
+    job_max_attempts: int = DEFAULT_MAX_ATTEMPTS
     #: None: follow the worker (:meth:`inflight_limit`); a number: exactly that many.
     max_inflight: int | None = None
     max_prompts: int = 16
@@ -109,7 +112,7 @@ class Settings:
             self.worker_socket = default_socket_path(self.data_dir)
         if self.worker_socket is not None:
             self.worker_socket = Path(self.worker_socket)
-        for name in ("max_body_bytes", "max_upload_bytes", "max_queued_jobs", "max_inflight", "max_prompts", "worker_memory_mb"):
+        for name in ("max_body_bytes", "max_upload_bytes", "max_queued_jobs", "job_max_attempts", "max_inflight", "max_prompts", "worker_memory_mb"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -144,6 +147,7 @@ class Settings:
             "max_body_bytes": _env_int("MM_MAX_BODY_BYTES", 1 << 20),
             "max_upload_bytes": _env_int("MM_MAX_UPLOAD_BYTES", 4 << 30),
             "max_queued_jobs": _env_int("MM_MAX_QUEUED_JOBS", 16),
+            "job_max_attempts": _env_int(MAX_ATTEMPTS_ENV, DEFAULT_MAX_ATTEMPTS),
             "max_inflight": _env_int("MM_MAX_INFLIGHT", None),
             "max_prompts": _env_int("MM_MAX_PROMPTS", 16),
             "request_timeout_s": _env_float("MM_REQUEST_TIMEOUT", 300.0),

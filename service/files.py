@@ -35,8 +35,9 @@ from service.middleware import too_large_message
 from service.multipart import MultipartError, MultipartReader, PartData, PartEnd, PartStart, boundary_from_content_type
 from service.schemas import DeletedFile, FileList, FileObject, FilePurpose
 from service.state import ServiceState, get_state
-from worker.jobstore import FILE_PURPOSES, FileInUse, JobStore, StoredFile, is_file_id, new_file_id
-from worker.sources import files_dir, inspect_upload, stored_file_path
+from jobstore import FILE_PURPOSES, FileInUse, JobStore, StoredFile, is_file_id, new_file_id
+from jobstore.layout import files_dir, stored_file_path
+from worker.sources import inspect_upload
 
 log = logging.getLogger("metal_marlin.service.files")
 

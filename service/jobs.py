@@ -46,7 +46,7 @@ from service.schemas import (
     QuantizationJobList,
 )
 from service.state import ServiceState, get_state
-from worker.jobstore import (
+from jobstore import (
     IdempotencyConflict,
     Job,
     JobEvent,
@@ -57,7 +57,7 @@ from worker.jobstore import (
     is_job_id,
     parse_event_id,
 )
-from worker.runner import format_dir, jobs_dir, remove_tree, result_dir
+from jobstore.layout import format_dir, jobs_dir, remove_tree, result_dir
 from worker.sources import SourceError, check_quantizable, model_widths, resolve_file_source, resolve_under_roots
 
 log = logging.getLogger("metal_marlin.service.jobs")

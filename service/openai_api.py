@@ -35,7 +35,7 @@ from service.schemas import (
     SamplingFields,
 )
 from service.state import ServiceState, get_state
-from worker.jobstore import Job, is_job_id
+from jobstore import Job, is_job_id
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 

@@ -6,8 +6,8 @@ from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from worker.jobstore import FILE_PURPOSES, JOB_STATUSES
-from worker.runner import EXPORT_FORMATS
+from jobstore import FILE_PURPOSES, JOB_STATUSES
+from jobstore.layout import EXPORT_FORMATS
 
 # ---------------------------------------------------------------------------------------
 # Quantization jobs

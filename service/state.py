@@ -9,7 +9,7 @@ from fastapi import Request
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.supervisor import WorkerSupervisor
-from worker.jobstore import JobStore
+from jobstore import JobStore
 
 
 @dataclass

@@ -6,8 +6,9 @@ watches it. When the worker exits unexpectedly (crash, OOM kill, SIGKILL):
 
 - readiness drops at once (``/health`` answers 503, new requests get 503);
 - in-flight generations see their stream break and report an error to their clients;
-- jobs it was running are marked ``failed`` with the exit reason (their partial output
-  lives only in the worker's staging folder and is never published);
+- jobs it was running go back to the queue, or fail with ``worker_crashed`` once they have
+  started ``MM_JOB_MAX_ATTEMPTS`` times (their partial output lives only in the worker's
+  staging folder and is never published);
 - a new worker is started, with backoff if it keeps dying.
 
 With ``MM_WORKER_URL`` the worker is external: the supervisor only follows its readiness.
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 
 from service.config import Settings
-from worker.jobstore import JobStore
+from jobstore import MAX_ATTEMPTS_ENV, JobStore
 from worker.proc import describe_exit
 from worker.protocol import WORKER_TOKEN_HEADER
 from worker.served import ENV_VAR as SERVED_MODELS_VAR
@@ -113,6 +114,7 @@ class WorkerSupervisor:
         for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, threads)
         env["MM_WORKER_TOKEN"] = s.worker_token
+        env[MAX_ATTEMPTS_ENV] = str(s.job_max_attempts)  # the worker settles orphans at start by the same cap
         env.pop(SERVED_MODELS_VAR, None)  # the served models come as --model arguments
         env["PYTHONUNBUFFERED"] = "1"
         return env
@@ -195,11 +197,13 @@ class WorkerSupervisor:
         if self._stopping:
             return
         log.error("worker process %s", how)
-        message = f"the worker process {how} while this job was running; the job was not completed"
+        reason = f"The worker process {how} while this job was running"
         try:
-            failed = await asyncio.to_thread(self.store.fail_running, message, code="worker_crashed")
+            settled = await asyncio.to_thread(
+                self.store.recover_running, reason, code="worker_crashed", max_attempts=self.settings.job_max_attempts
+            )
         except Exception:  # noqa: BLE001
-            log.exception("could not mark the crashed worker's jobs as failed")
-            failed = []
-        if failed:
-            log.error("marked %d running job(s) failed: %s", len(failed), ", ".join(failed))
+            log.exception("could not settle the crashed worker's jobs")
+            return
+        if settled.requeued or settled.failed:
+            log.error("the crashed worker's jobs: requeued %s, failed %s", settled.requeued, settled.failed)

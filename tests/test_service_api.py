@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 
 from service.app import create_app
 from service.config import Settings
-from worker.jobstore import JobStore
+from jobstore import open_store
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -199,7 +199,7 @@ def test_job_lifecycle_routes_without_worker(client: TestClient, settings: Setti
     assert [e["type"] for e in tail["data"]] == ["cancelled"]
 
     # a succeeded job: written by "a worker" directly through the store
-    store = JobStore.in_data_dir(settings.data_dir)
+    store = open_store(settings.data_dir)
     done = store.claim("test-worker")
     folder = settings.data_dir / "jobs" / done.id
     folder.mkdir(parents=True)
@@ -261,7 +261,7 @@ def test_no_auth_when_no_key(tmp_path: Path) -> None:
 
 def test_service_does_not_import_mlx() -> None:
     code = (
-        "import sys, service.app, service.main, service.openapi_export, worker.jobstore, worker.sources, worker.protocol\n"
+        "import sys, service.app, service.main, service.openapi_export, jobstore, worker.sources, worker.protocol\n"
         "from service.app import create_app\n"
         "bad = [m for m in sys.modules if m == 'mlx' or m.startswith('mlx.')]\n"
         "assert not bad, bad\n"
@@ -357,9 +357,9 @@ def test_autoawq_export_format_is_validated_at_submission(client: TestClient) ->
 
 
 def test_result_download_in_the_autoawq_format(client: TestClient, settings: Settings) -> None:
-    from worker.runner import result_summary
+    from jobstore.layout import result_summary
 
-    store = JobStore.in_data_dir(settings.data_dir)
+    store = open_store(settings.data_dir)
     ids = {}
     for fmt in ("autoawq", "mlx"):
         job = client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "export_format": fmt}).json()

@@ -24,7 +24,7 @@ from service.config import Settings
 from service.files import clean_filename
 from service.jobs import follow_events
 from service.multipart import MultipartError, MultipartReader, PartData, PartEnd, PartStart, boundary_from_content_type
-from worker.jobstore import JobStore
+from jobstore import open_store
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -274,7 +274,7 @@ def test_jobs_read_uploaded_files(client: TestClient, settings: Settings) -> Non
     assert job["model"] == model and job["model_source"] == {"source": "file", "path": None, "file_id": model}
     assert job["calibration"] == {"source": "file", "path": None, "file_id": text}
     assert job["hyperparameters"]["group_size"] == 32  # from the uploaded GGUF's widths: 96 = 3 x 32
-    stored_spec = JobStore.in_data_dir(settings.data_dir).get(job["id"]).spec
+    stored_spec = open_store(settings.data_dir).get(job["id"]).spec
     assert stored_spec["calibration"]["format"] == "text"
     with_npz = client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "calibration": {"source": "file", "file_id": npz}})
     assert with_npz.status_code == 200, with_npz.text
@@ -329,7 +329,7 @@ def test_events_stream_of_a_finished_job_and_resume(client: TestClient) -> None:
 
 
 def test_follow_events_streams_as_they_are_written(tmp_path: Path) -> None:
-    store = JobStore.in_data_dir(tmp_path)
+    store = open_store(tmp_path)
     job, _ = store.create_job({"model": {"source": "builtin"}, "hyperparameters": {}})
     store.claim("w1")
 

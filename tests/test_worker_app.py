@@ -8,12 +8,12 @@ from fastapi.testclient import TestClient
 
 from worker.app import WorkerState, create_worker_app
 from worker.generation import MIB, ModelRegistry
-from worker.jobstore import JobStore
+from jobstore import open_store
 from worker.protocol import WORKER_TOKEN_HEADER
 
 
 def make_client(tmp_path: Path, token: str | None = "tok") -> TestClient:
-    store = JobStore.in_data_dir(tmp_path)
+    store = open_store(tmp_path)
     state = WorkerState(worker_id="w-test", store=store, registry=ModelRegistry(tmp_path, store, 64 * MIB), runner=None, token=token)
     return TestClient(create_worker_app(state))
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from worker.generation import MIB, LoadedModel, ModelNotFound, ModelRegistry, ModelUnavailable
-from worker.jobstore import JobStore
+from jobstore import open_store
 
 
 class FakeScheduler:
@@ -20,7 +20,7 @@ class FakeScheduler:
 
 
 def make_registry(tmp_path: Path, budget_mib: int, sizes: dict[str, int]) -> tuple[ModelRegistry, list[str]]:
-    store = JobStore.in_data_dir(tmp_path)
+    store = open_store(tmp_path)
     reg = ModelRegistry(tmp_path, store, budget_mib * MIB)
     loads: list[str] = []
 
@@ -88,7 +88,7 @@ def test_unload_waits_for_the_last_request(tmp_path: Path) -> None:
 
 
 def test_resolve_only_succeeded_jobs(tmp_path: Path) -> None:
-    store = JobStore.in_data_dir(tmp_path)
+    store = open_store(tmp_path)
     reg = ModelRegistry(tmp_path, store, 100 * MIB)
     assert reg.resolve("smollm2-135m-instruct") is None
     job, _ = store.create_job({"model": {"source": "builtin"}})
@@ -126,7 +126,7 @@ def test_served_models_resolve_by_name_and_are_sized_by_kind(tmp_path: Path) -> 
         "gguf": tmp_path / "m.gguf",
     }
     served["gguf"].write_bytes(b"GGUF" + b"\0" * 96)
-    reg = ModelRegistry(tmp_path / "data", JobStore.in_data_dir(tmp_path / "data"), 1 << 30, served=served)
+    reg = ModelRegistry(tmp_path / "data", open_store(tmp_path / "data"), 1 << 30, served=served)
     for name, path in served.items():
         assert reg.resolve(name) == path
     with pytest.raises(ModelNotFound):

@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from worker.jobstore import Job, JobStore
+from jobstore import Job, JobStore, open_store
 from worker.main import WorkerLockError, _acquire_lock
-from worker.runner import JobRunner, cleanup_data_dir, result_dir
+from jobstore.layout import result_dir
+from worker.runner import JobRunner, cleanup_data_dir
 
 HP = {"bits": 4, "group_size": 32, "salient_ratio": 0.0, "activation_method": "rms", "n_samples": 2, "seq_len": 32, "n_grid": 2, "duo_scaling": False}
 
@@ -38,7 +39,7 @@ def setup(tmp_path: Path):
     folder = root / "broken"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4, "head_dim": 16}))
-    store = JobStore.in_data_dir(data)
+    store = open_store(data)
     runner = JobRunner(store, data, "w-test", roots=str(root), env=_env(), poll_interval_s=0.1)
     yield store, runner, data, root, tmp_path
     runner.stop()
@@ -91,7 +92,7 @@ def test_stop_puts_a_running_job_back_in_the_queue(setup) -> None:
 
 
 def test_cleanup_removes_leftovers_but_keeps_succeeded_results(tmp_path: Path) -> None:
-    store = JobStore.in_data_dir(tmp_path)
+    store = open_store(tmp_path)
     spec = {"model": {"source": "builtin"}, "hyperparameters": HP}
     ok, _ = store.create_job(spec)
     store.claim("w")

@@ -6,6 +6,6 @@ It runs quantization jobs claimed from the job store (each in a child process, s
 (:mod:`worker.app`). Start it with :func:`worker.main.run_worker` or
 ``python -m worker``; the service (:mod:`service`) normally starts and supervises it.
 
-Importing this package (or :mod:`worker.jobstore`, :mod:`worker.sources`,
-:mod:`worker.protocol`) does not import MLX; the service relies on that.
+Importing this package (or :mod:`worker.sources`, :mod:`worker.protocol`) does not import
+MLX; the service relies on that. The job store it shares with the service is :mod:`jobstore`.
 """

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from worker.generation import LoadedModel, ModelNotFound, ModelRegistry, ModelUnavailable
-from worker.jobstore import JobStore
+from jobstore import JobStore
 from worker.protocol import (
     NDJSON,
     WORKER_TOKEN_HEADER,

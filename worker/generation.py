@@ -25,8 +25,8 @@ from typing import Any
 
 from metal_marlin import device
 from metal_marlin.assets import BUILTIN_MODEL_NAME, builtin_model_path
-from worker.jobstore import JobStore, is_job_id
-from worker.runner import result_dir
+from jobstore import JobStore, is_job_id
+from jobstore.layout import result_dir
 
 log = logging.getLogger("metal_marlin.worker.models")
 

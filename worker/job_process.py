@@ -29,7 +29,8 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-from worker.jobstore import JobStore
+from jobstore import JobStore, open_store
+from jobstore.layout import format_dir
 from worker.proc import die_with_parent
 from worker.sources import SourceError, parse_roots, resolve_file_source, resolve_under_roots
 
@@ -133,7 +134,6 @@ def run_job(
 def export_autoawq_result(store: JobStore, job_id: str, worker: str, output: Path, stats: dict[str, Any]) -> None:
     """Write the AutoAWQ GEMM export of the native result ``output`` into ``output/autoawq``."""
     from metal_marlin.checkpoints.autoawq import export_autoawq
-    from worker.runner import format_dir  # not at the top: the runner imports this module
 
     if store.cancel_requested(job_id):
         raise JobCancelled()
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent(expected_parent=args.parent_pid)
 
     error_file = Path(args.error_file)
-    store = JobStore.in_data_dir(args.data_dir)
+    store = open_store(args.data_dir)
     try:
         from metal_marlin.device import select_device
 

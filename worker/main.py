@@ -37,7 +37,7 @@ import uvicorn
 from metal_marlin.device import MLXUnavailableError, device_info, on_gpu, select_device
 from worker.app import WorkerState, create_worker_app
 from worker.generation import MIB, ModelRegistry
-from worker.jobstore import JobStore
+from jobstore import job_max_attempts, open_store
 from worker.proc import die_with_parent, watch_parent
 from worker.runner import JobRunner, cleanup_data_dir
 from worker.served import ENV_VAR as SERVED_MODELS_VAR
@@ -133,10 +133,10 @@ def run_worker(
     budget_mb = memory_mb or int(os.environ.get("MM_WORKER_MEMORY_MB", "") or DEFAULT_MEMORY_MB)
     token = token if token is not None else (os.environ.get("MM_WORKER_TOKEN") or None)
 
-    store = JobStore.in_data_dir(data_dir)
-    orphans = store.fail_running("the worker restarted while this job was running; the job was not completed", code="worker_restarted")
-    if orphans:
-        log.warning("failed %d job(s) left running by a previous worker: %s", len(orphans), ", ".join(orphans))
+    store = open_store(data_dir)
+    left = store.recover_running("The worker restarted while this job was running", code="worker_restarted", max_attempts=job_max_attempts())
+    if left.requeued or left.failed:
+        log.warning("jobs left running by a previous worker: requeued %s, failed %s", left.requeued, left.failed)
     cleanup_data_dir(store, data_dir)
 
     worker_id = f"w{os.getpid()}-{secrets.token_hex(4)}"

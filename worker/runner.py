@@ -5,7 +5,9 @@ Results live in ``<data>/jobs/<job_id>/``. A job writes into
 the runner rename that folder into place (one ``rename``, atomic on one file system) and then
 mark the job ``succeeded`` (guarded: only if it is still this worker's running job; otherwise
 the folder is removed again). A result is therefore visible exactly when its job has
-succeeded, whatever crashes in between.
+succeeded, whatever crashes in between. Before the rename the runner records the SHA-256 of
+every file in ``.checksums.json`` (and in the job's result), so a reader can verify a visible
+result against what the job wrote.
 
 A job with ``export_format: "autoawq"`` also has the AutoAWQ GEMM export of its result in
 ``<data>/jobs/<job_id>/autoawq/``, written by the job process inside the staging folder, so it
@@ -27,89 +29,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from jobstore import Job, JobStore, is_job_id
+from jobstore.layout import format_dir, jobs_dir, remove_tree, result_dir, result_summary, spec_formats, write_checksums
 from worker.job_process import EXIT_CANCELLED, EXIT_INVALID, EXIT_LOST, EXIT_OK
-from worker.jobstore import Job, JobStore, is_job_id
 from worker.proc import describe_exit
 
 log = logging.getLogger("metal_marlin.worker.jobs")
-
-RESULT_SUMMARY_KEYS = (
-    "bits",
-    "group_size",
-    "salient_ratio",
-    "activation_method",
-    "n_grid",
-    "duo_scaling",
-    "calibration_tokens",
-    "blocks_awq",
-    "blocks_rtn",
-    "bits_per_weight",
-    "time_s",
-    "total_time_s",
-    "calibration",
-)
-
-
-EXPORT_FORMATS = ("mlx", "autoawq")
-AUTOAWQ_DIR = "autoawq"
-
-
-def jobs_dir(data_dir: Path) -> Path:
-    return data_dir / "jobs"
-
-
-def result_dir(data_dir: Path, job_id: str) -> Path:
-    return jobs_dir(data_dir) / job_id
-
-
-def format_dir(folder: Path, fmt: str) -> Path:
-    """Where a result folder keeps one format: the native (``mlx``) files at its top, the
-    AutoAWQ export in ``autoawq/``."""
-    if fmt not in EXPORT_FORMATS:
-        raise ValueError(f"unknown result format {fmt!r}")
-    return folder if fmt == "mlx" else folder / AUTOAWQ_DIR
-
-
-def spec_formats(spec: dict[str, Any]) -> list[str]:
-    """The formats a job writes: always ``mlx``, plus its ``export_format``."""
-    wanted = spec.get("export_format", "mlx")
-    return ["mlx"] if wanted == "mlx" else ["mlx", wanted]
-
-
-def _file_list(folder: Path) -> list[dict[str, Any]]:
-    return sorted(
-        ({"filename": p.name, "bytes": p.stat().st_size} for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")),
-        key=lambda f: f["filename"],
-    )
-
-
-def result_summary(folder: Path) -> dict[str, Any]:
-    """Files of a finished job (name, bytes), the formats it holds (``autoawq_files`` when
-    exported), and the headline numbers of its quant_stats.json."""
-    stats: dict[str, Any] = {}
-    stats_path = folder / "quant_stats.json"
-    if stats_path.is_file():
-        raw = json.loads(stats_path.read_text(encoding="utf-8"))
-        stats = {k: raw[k] for k in RESULT_SUMMARY_KEYS if k in raw}
-    summary: dict[str, Any] = {"files": _file_list(folder), "stats": stats, "formats": ["mlx"]}
-    awq = format_dir(folder, "autoawq")
-    if (awq / "model.safetensors").is_file():
-        summary["formats"].append("autoawq")
-        summary["autoawq_files"] = _file_list(awq)
-    return summary
-
-
-def remove_tree(path: Path, trash: Path) -> None:
-    """Make ``path`` disappear at once (rename into ``trash``), then delete it."""
-    if not path.exists():
-        return
-    trash.mkdir(parents=True, exist_ok=True)
-    target = trash / f"{path.name}.{os.getpid()}.{time.monotonic_ns()}"
-    try:
-        os.rename(path, target)
-    except OSError:
-        target = path
-    shutil.rmtree(target, ignore_errors=True)
 
 
 def cleanup_data_dir(store: JobStore, data_dir: Path) -> None:
@@ -261,6 +186,7 @@ class JobRunner:
                 error = {"code": "internal_error", "message": f"the job process ended without writing its {' and '.join(missing)} result"}
             elif returncode == EXIT_OK:
                 final = result_dir(self.data_dir, job.id)
+                write_checksums(staging)
                 remove_tree(final, trash)
                 os.rename(staging, final)
                 summary = result_summary(final)

@@ -35,7 +35,8 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from worker.jobstore import JobStore, StoredFile, is_file_id
+from jobstore import JobStore, StoredFile, is_file_id
+from jobstore.layout import stored_file_path
 
 MAX_PATH_CHARS = 4096
 ACTIVATION_ARRAYS = ("input_ids", "hidden_states")
@@ -176,17 +177,6 @@ def check_quantizable(widths: ModelWidths, bits: int, group_size: int) -> None:
 # ---------------------------------------------------------------------------------------
 # Uploaded files
 # ---------------------------------------------------------------------------------------
-def files_dir(data_dir: Path) -> Path:
-    return Path(data_dir) / "files"
-
-
-def stored_file_path(data_dir: Path, file_id: str) -> Path:
-    """``<data>/files/<file_id>``: the id is checked, so no client text reaches the path."""
-    if not is_file_id(file_id):
-        raise ValueError(f"not a file id: {file_id!r}")
-    return files_dir(data_dir) / file_id
-
-
 def resolve_file_source(store: JobStore, data_dir: Path, file_id: str, *, purpose: str, param: str) -> tuple[StoredFile, Path]:
     """The record and path of an uploaded file usable as ``purpose``; else :class:`SourceError`."""
     record = store.get_file(file_id) if is_file_id(file_id) else None

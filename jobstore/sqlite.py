@@ -1,4 +1,4 @@
-"""Durable job state: one SQLite database (stdlib ``sqlite3``, WAL mode) in the data directory.
+"""The SQLite job store: one database file (stdlib ``sqlite3``, WAL mode) in the data directory.
 
 The service inserts jobs and reads them; the worker claims queued jobs atomically
 (``UPDATE ... WHERE status='queued'``), records progress events and the outcome. Several
@@ -8,31 +8,35 @@ proceed while one writer commits, and ``busy_timeout`` serialises writers.
 Every state change that a stale process could race is guarded in SQL: a worker may only
 finish a job it claimed (``worker = ?``) while it is still ``running``, so a job that the
 service already failed after a worker crash can never be flipped to ``succeeded``.
-
-This module imports neither MLX nor FastAPI: both the service and the worker use it.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-JOB_STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
-TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
-JOB_ID_PREFIX = "qjob-"
-EVENT_ID_PREFIX = "qjev-"
-FILE_ID_PREFIX = "file-"
-FILE_PURPOSES = ("model", "calibration")
+from jobstore.base import JobStore
+from jobstore.records import (
+    JOB_STATUSES,
+    TERMINAL_STATUSES,
+    FileInUse,
+    IdempotencyConflict,
+    Job,
+    JobEvent,
+    JobStateError,
+    QueueFull,
+    Recovery,
+    StoredFile,
+    new_job_id,
+)
+
 DB_NAME = "jobs.sqlite3"
 
 _SCHEMA = """
@@ -79,136 +83,6 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 """
 
 
-class IdempotencyConflict(Exception):
-    """The Idempotency-Key was used before with a different request body."""
-
-    def __init__(self, key: str, job_id: str) -> None:
-        super().__init__(f"Idempotency-Key {key!r} was already used with a different request body (job {job_id})")
-        self.key = key
-        self.job_id = job_id
-
-
-class FileInUse(Exception):
-    """A queued or running job reads the file (maps to HTTP 409)."""
-
-    def __init__(self, file_id: str, job_ids: list[str]) -> None:
-        super().__init__(f"file {file_id} is a source of queued or running job(s) {', '.join(job_ids)}; cancel them first")
-        self.file_id = file_id
-        self.job_ids = job_ids
-
-
-class JobStateError(Exception):
-    """The job is not in a state that allows the operation (maps to HTTP 409)."""
-
-    def __init__(self, message: str, status: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-@dataclass
-class Job:
-    id: str
-    created_at: float
-    status: str
-    spec: dict[str, Any]
-    started_at: float | None
-    finished_at: float | None
-    cancel_requested: bool
-    attempts: int
-    worker: str | None
-    progress: dict[str, Any] | None
-    error: dict[str, Any] | None
-    result: dict[str, Any] | None
-
-    @property
-    def finished(self) -> bool:
-        return self.status in TERMINAL_STATUSES
-
-
-@dataclass
-class StoredFile:
-    """An uploaded file's record; its bytes are ``<data>/files/<id>``."""
-
-    id: str
-    created_at: float
-    bytes: int
-    filename: str
-    purpose: str
-    format: str
-
-
-@dataclass
-class JobEvent:
-    id: int
-    job_id: str
-    created_at: float
-    level: str
-    type: str
-    message: str
-    data: dict[str, Any] | None
-
-    @property
-    def public_id(self) -> str:
-        return f"{EVENT_ID_PREFIX}{self.id}"
-
-
-_id_lock = threading.Lock()
-_id_last = (0, 0)
-
-
-def _new_sorted_id(prefix: str, now: float | None) -> str:
-    """``prefix`` + 12 hex digits of milliseconds + a 4-digit sequence + 8 random hex digits.
-
-    Ids sort by creation (strictly, within this process), so a list cursor (``after``)
-    stays valid even when the item it names was deleted.
-    """
-    global _id_last
-    ms = int((time.time() if now is None else now) * 1000)
-    with _id_lock:
-        last_ms, last_seq = _id_last
-        if ms <= last_ms:
-            ms, seq = last_ms, last_seq + 1
-            if seq > 0xFFFF:
-                ms, seq = ms + 1, 0
-        else:
-            seq = 0
-        _id_last = (ms, seq)
-    return f"{prefix}{ms:012x}{seq:04x}{secrets.token_hex(4)}"
-
-
-def _is_sorted_id(value: str, prefix: str) -> bool:
-    body = value[len(prefix) :]
-    return value.startswith(prefix) and len(body) == 24 and all(c in "0123456789abcdef" for c in body)
-
-
-def new_job_id(now: float | None = None) -> str:
-    return _new_sorted_id(JOB_ID_PREFIX, now)
-
-
-def new_file_id(now: float | None = None) -> str:
-    return _new_sorted_id(FILE_ID_PREFIX, now)
-
-
-def is_job_id(value: str) -> bool:
-    return _is_sorted_id(value, JOB_ID_PREFIX)
-
-
-def is_file_id(value: str) -> bool:
-    return _is_sorted_id(value, FILE_ID_PREFIX)
-
-
-def parse_event_id(value: str) -> int | None:
-    if not value.startswith(EVENT_ID_PREFIX) or not value[len(EVENT_ID_PREFIX) :].isdigit():
-        return None
-    return int(value[len(EVENT_ID_PREFIX) :])
-
-
-def fingerprint(payload: Any) -> str:
-    """Stable hash of a JSON-able request body (key order does not matter)."""
-    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
 
@@ -252,8 +126,8 @@ def _event(row: sqlite3.Row) -> JobEvent:
     )
 
 
-class JobStore:
-    """Thread-safe access to ``<data_dir>/jobs.sqlite3`` (one connection per thread)."""
+class SQLiteJobStore(JobStore):
+    """Thread-safe access to ``<data_dir>/jobs.sqlite3`` (one connection per thread, and per process)."""
 
     def __init__(self, path: str | os.PathLike[str], timeout_s: float = 10.0) -> None:
         self.path = Path(path)
@@ -263,7 +137,7 @@ class JobStore:
         self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
 
     @classmethod
-    def in_data_dir(cls, data_dir: str | os.PathLike[str]) -> JobStore:
+    def in_data_dir(cls, data_dir: str | os.PathLike[str]) -> SQLiteJobStore:
         return cls(Path(data_dir) / DB_NAME)
 
     # -- connection handling -------------------------------------------------------------
@@ -433,23 +307,43 @@ class JobStore:
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return _job(row)
 
-    def fail_running(self, message: str, *, code: str = "worker_crashed", worker: str | None = None) -> list[str]:
-        """Fail every running job (of ``worker`` when given): its process is gone."""
+    def recover_running(self, reason: str, *, code: str, max_attempts: int, worker: str | None = None) -> Recovery:
+        """Settle every running job (of ``worker`` when given) whose process is gone.
+
+        The retry policy: a job goes back to the queue while it has started fewer than
+        ``max_attempts`` times; after that it fails with ``code``. A job whose cancellation
+        was requested is cancelled instead. Each outcome is an event the client can follow.
+        """
+        if max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         now = time.time()
+        out = Recovery()
         with self._tx() as db:
-            if worker is None:
-                rows = db.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()
-            else:
-                rows = db.execute("SELECT id FROM jobs WHERE status = 'running' AND worker = ?", (worker,)).fetchall()
-            ids = [r["id"] for r in rows]
-            error = _dumps({"message": message, "code": code})
-            for job_id in ids:
-                db.execute(
-                    "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ? AND status = 'running'",
-                    (now, error, job_id),
-                )
-                self._add_event(db, job_id, "failed", message, level="error", now=now)
-        return ids
+            query = "SELECT id, attempts, cancel_requested FROM jobs WHERE status = 'running'"
+            rows = db.execute(query, ()).fetchall() if worker is None else db.execute(query + " AND worker = ?", (worker,)).fetchall()
+            for row in rows:
+                job_id, attempts = row["id"], row["attempts"]
+                data = {"code": code, "attempt": attempts, "max_attempts": max_attempts}
+                if row["cancel_requested"]:
+                    db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ?", (now, job_id))
+                    self._add_event(db, job_id, "cancelled", f"Job cancelled ({reason})", now=now, data=data)
+                    out.cancelled.append(job_id)
+                elif attempts < max_attempts:
+                    db.execute(
+                        "UPDATE jobs SET status = 'queued', worker = NULL, started_at = NULL, progress = NULL WHERE id = ?", (job_id,)
+                    )
+                    message = f"{reason}; attempt {attempts} of {max_attempts} did not complete, so the job is queued again"
+                    self._add_event(db, job_id, "requeued", message, level="warning", now=now, data=data)
+                    out.requeued.append(job_id)
+                else:
+                    message = f"{reason}; the job was given up after {attempts} attempt(s) (limit {max_attempts})"
+                    db.execute(
+                        "UPDATE jobs SET status = 'failed', finished_at = ?, error = ? WHERE id = ?",
+                        (now, _dumps({"message": message, "code": code}), job_id),
+                    )
+                    self._add_event(db, job_id, "failed", message, level="error", now=now, data=data)
+                    out.failed.append(job_id)
+        return out
 
     # -- worker-side transitions ------------------------------------------------------------
     def claim(self, worker: str) -> Job | None:
@@ -597,13 +491,3 @@ class JobStore:
             "INSERT INTO job_events (job_id, created_at, level, type, message, data) VALUES (?, ?, ?, ?, ?, ?)",
             (job_id, time.time() if now is None else now, level, type, message, _dumps(data)),
         )
-
-
-class QueueFull(Exception):
-    """Too many queued jobs (maps to HTTP 429)."""
-
-    def __init__(self, queued: int, limit: int) -> None:
-        super().__init__(f"the job queue is full ({queued} queued, limit {limit}); retry later")
-        self.queued = queued
-        self.limit = limit
-

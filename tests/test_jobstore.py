@@ -1,4 +1,4 @@
-"""Job store (SQLite) and source-path safety: fast, no MLX, no processes."""
+"""The job store (its SQLite backend) and source-path safety: fast, no MLX, no processes."""
 
 from __future__ import annotations
 
@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from worker.jobstore import (
+from jobstore import (
     IdempotencyConflict,
     JobStateError,
     JobStore,
     QueueFull,
+    SQLiteJobStore,
     fingerprint,
     is_job_id,
     new_job_id,
@@ -24,7 +25,7 @@ SPEC = {"model": {"source": "builtin"}, "calibration": {"source": "builtin"}, "h
 
 @pytest.fixture
 def store(tmp_path: Path) -> JobStore:
-    return JobStore(tmp_path / "jobs.sqlite3")
+    return SQLiteJobStore(tmp_path / "jobs.sqlite3")
 
 
 def test_job_ids_sort_by_creation_time() -> None:
@@ -35,13 +36,13 @@ def test_job_ids_sort_by_creation_time() -> None:
 
 def test_claim_is_atomic_across_threads(tmp_path: Path) -> None:
     path = tmp_path / "jobs.sqlite3"
-    store = JobStore(path)
+    store = SQLiteJobStore(path)
     ids = {store.create_job(SPEC)[0].id for _ in range(12)}
     claimed: list[str] = []
     lock = threading.Lock()
 
     def worker(name: str) -> None:
-        own = JobStore(path)  # separate connections, as separate processes would have
+        own = SQLiteJobStore(path)  # separate connections, as separate processes would have
         while (job := own.claim(name)) is not None:
             with lock:
                 claimed.append(job.id)
@@ -71,14 +72,37 @@ def test_claim_order_progress_and_guarded_finish(store: JobStore) -> None:
     assert store.claim("w1").id == second.id
 
 
-def test_fail_running_after_crash_blocks_late_success(store: JobStore) -> None:
+def test_a_crashed_workers_job_is_requeued_until_the_attempt_cap_then_failed(store: JobStore) -> None:
     job, _ = store.create_job(SPEC)
     store.claim("w1")
-    assert store.fail_running("worker died", code="worker_crashed") == [job.id]
-    got = store.get(job.id)
-    assert got.status == "failed" and got.error == {"message": "worker died", "code": "worker_crashed"}
-    assert not store.finish(job.id, "w1", "succeeded", message="stale worker")
+    first = store.recover_running("The worker process was killed", code="worker_crashed", max_attempts=2)
+    assert first.requeued == [job.id] and first.failed == [] and store.get(job.id).status == "queued"
+    assert not store.finish(job.id, "w1", "succeeded", message="stale worker")  # the dead claim is void
     assert not store.still_owned(job.id, "w1")
+    again = store.claim("w2")
+    assert again.id == job.id and again.attempts == 2
+    second = store.recover_running("The worker process was killed", code="worker_crashed", max_attempts=2)
+    assert second.failed == [job.id] and second.requeued == []
+    got = store.get(job.id)
+    assert got.status == "failed" and got.error["code"] == "worker_crashed"
+    assert "given up after 2 attempt(s) (limit 2)" in got.error["message"]
+    events = store.events(job.id)[0]
+    assert [e.type for e in events] == ["created", "started", "requeued", "started", "failed"]
+    assert events[2].level == "warning" and events[2].data == {"code": "worker_crashed", "attempt": 1, "max_attempts": 2}
+    assert not store.finish(job.id, "w2", "succeeded", message="stale worker")
+
+
+def test_recovery_cancels_a_job_whose_cancellation_was_asked_and_leaves_other_workers_alone(store: JobStore) -> None:
+    mine, _ = store.create_job(SPEC)
+    theirs, _ = store.create_job(SPEC)
+    store.claim("w1")
+    store.claim("w2")
+    store.request_cancel(mine.id)
+    settled = store.recover_running("gone", code="worker_crashed", max_attempts=3, worker="w1")
+    assert settled.cancelled == [mine.id] and store.get(mine.id).status == "cancelled"
+    assert store.get(theirs.id).status == "running"
+    with pytest.raises(ValueError, match="max_attempts"):
+        store.recover_running("gone", code="worker_crashed", max_attempts=0)
 
 
 def test_cancel_transitions(store: JobStore) -> None:
@@ -215,8 +239,8 @@ def test_builtin_model_widths() -> None:
 
 
 def test_db_file_is_shared_between_store_instances(tmp_path: Path) -> None:
-    a = JobStore(tmp_path / "j.sqlite3")
+    a = SQLiteJobStore(tmp_path / "j.sqlite3")
     job, _ = a.create_job(SPEC)
-    b = JobStore(tmp_path / "j.sqlite3")
+    b = SQLiteJobStore(tmp_path / "j.sqlite3")
     assert b.get(job.id).status == "queued"
     assert os.path.exists(tmp_path / "j.sqlite3-wal")
