@@ -151,6 +151,7 @@ class JobError(BaseModel):
 class ResultFile(BaseModel):
     filename: str
     bytes: int
+    sha256: str | None = Field(default=None, description="SHA-256 of the file, recorded by the worker before the result became visible.")
 
 
 class QuantizationJob(BaseModel):

@@ -24,7 +24,11 @@ from typing import Any
 import httpx
 import pytest
 
+from jobstore.layout import verify_result
+
 openai = pytest.importorskip("openai")
+
+
 def _load_smoke() -> Any:
     import importlib.util
 
@@ -532,14 +536,18 @@ def test_worker_sigkill_mid_job_and_mid_stream(server: Server) -> None:
     last = json.loads(rest[-1][len("data: "):])
     assert last["error"]["code"] == "worker_unavailable" and "[DONE]" not in rest
 
-    job = server.wait_job(job_id, {"failed", "succeeded", "cancelled"}, timeout_s=30)
-    assert job["status"] == "failed" and job["error"]["code"] == "worker_crashed"
-    assert "SIGKILL" in job["error"]["message"] and job["result_files"] == []
-    assert server.http.get(f"/v1/quantization/jobs/{job_id}/result").status_code == 409
-
+    # the retry policy: the job goes back to the queue (attempt 1 of 3) and the new worker runs it
     health = server.wait_healthy(60)
     assert health["worker"]["pid"] != worker_pid and health["worker"]["restarts"] >= 1
-    assert not (server.data_dir / "jobs" / job_id).exists()
+    job = server.wait_job(job_id, {"failed", "succeeded", "cancelled"}, timeout_s=120)
+    assert job["status"] == "succeeded", job
+    events = server.http.get(f"/v1/quantization/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
+    requeued = [e for e in events if e["type"] == "requeued"]
+    assert len(requeued) == 1 and requeued[0]["level"] == "warning" and "SIGKILL" in requeued[0]["message"]
+    assert requeued[0]["data"] == {"code": "worker_crashed", "attempt": 1, "max_attempts": 3}
+    assert [e["type"] for e in events].count("started") == 2
+    assert verify_result(server.data_dir / "jobs" / job_id) == []  # what is visible is what the job wrote
+    assert job["result_files"] and all(len(f["sha256"]) == 64 for f in job["result_files"])
     assert not list((server.data_dir / "jobs" / ".staging").glob(f"{job_id}*"))
     # the new worker serves again (the quantized model loads in about a second)
     again = server.http.post("/v1/completions", json={"model": server.shared_job, "prompt": "Hello", "max_tokens": 1})
