@@ -23,6 +23,7 @@ from jobstore.records import (
     Job,
     JobEvent,
     JobStateError,
+    OwnerLimit,
     QueueFull,
     Recovery,
     StoredFile,
@@ -39,6 +40,8 @@ from jobstore.sqlite import SQLiteJobStore
 #: How many times a job may start before a crash of its worker fails it (``MM_JOB_MAX_ATTEMPTS``).
 DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_ENV = "MM_JOB_MAX_ATTEMPTS"
+#: The disk quota for uploads and results together, in bytes (unset: none).
+MAX_DATA_BYTES_ENV = "MM_MAX_DATA_BYTES"
 
 
 def job_max_attempts() -> int:
@@ -62,8 +65,8 @@ def open_store(data_dir: str | os.PathLike[str]) -> JobStore:
 
 __all__ = [
     "EVENT_ID_PREFIX", "FILE_ID_PREFIX", "FILE_PURPOSES", "JOB_ID_PREFIX", "JOB_STATUSES", "TERMINAL_STATUSES",
-    "DEFAULT_MAX_ATTEMPTS", "MAX_ATTEMPTS_ENV", "job_max_attempts",
-    "FileInUse", "IdempotencyConflict", "Job", "JobEvent", "JobStateError", "JobStore", "QueueFull", "Recovery",
+    "DEFAULT_MAX_ATTEMPTS", "MAX_ATTEMPTS_ENV", "MAX_DATA_BYTES_ENV", "job_max_attempts",
+    "FileInUse", "IdempotencyConflict", "Job", "JobEvent", "JobStateError", "JobStore", "OwnerLimit", "QueueFull", "Recovery",
     "SQLiteJobStore", "StoredFile", "fingerprint", "is_file_id", "is_job_id", "new_file_id", "new_job_id",
     "open_store", "parse_event_id",
 ]

@@ -31,8 +31,10 @@ class JobStore(ABC):
         idempotency_key: str | None = None,
         request_fingerprint: str | None = None,
         max_queued: int | None = None,
+        owner: str | None = None,
+        max_active_per_owner: int | None = None,
     ) -> tuple[Job, bool]:
-        """Insert a queued job: ``(job, created)``; raises ``IdempotencyConflict``, ``QueueFull``."""
+        """Insert a queued job: ``(job, created)``; raises ``IdempotencyConflict``, ``QueueFull``, ``OwnerLimit``."""
 
     @abstractmethod
     def get(self, job_id: str) -> Job | None: ...

@@ -51,6 +51,22 @@ def stored_file_path(data_dir: Path, file_id: str) -> Path:
     return files_dir(data_dir) / file_id
 
 
+# -- the disk quota -------------------------------------------------------------------------
+def data_bytes(data_dir: Path) -> int:
+    """Bytes the uploads and results of a data directory take, unfinished ones included
+    (uploads streaming into ``files/.tmp``, jobs writing into ``jobs/.staging``): what
+    ``MM_MAX_DATA_BYTES`` bounds."""
+    total = 0
+    for root in (files_dir(data_dir), jobs_dir(data_dir)):
+        for dirpath, _dirs, names in os.walk(root):
+            for name in names:
+                try:
+                    total += os.lstat(os.path.join(dirpath, name)).st_size
+                except OSError:  # removed while we walked
+                    pass
+    return total
+
+
 # -- results ------------------------------------------------------------------------------
 def jobs_dir(data_dir: Path) -> Path:
     return Path(data_dir) / "jobs"

@@ -62,6 +62,8 @@ class Job:
     progress: dict[str, Any] | None
     error: dict[str, Any] | None
     result: dict[str, Any] | None
+    #: Who submitted it: a digest of the API key (never the key), None without auth.
+    owner: str | None = None
 
     @property
     def finished(self) -> bool:
@@ -167,4 +169,13 @@ class QueueFull(Exception):
     def __init__(self, queued: int, limit: int) -> None:
         super().__init__(f"the job queue is full ({queued} queued, limit {limit}); retry later")
         self.queued = queued
+        self.limit = limit
+
+
+class OwnerLimit(Exception):
+    """One API key has too many queued and running jobs (maps to HTTP 429)."""
+
+    def __init__(self, active: int, limit: int) -> None:
+        super().__init__(f"this API key has {active} queued or running jobs (limit {limit}); wait for one to finish or cancel one")
+        self.active = active
         self.limit = limit

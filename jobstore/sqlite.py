@@ -31,6 +31,7 @@ from jobstore.records import (
     Job,
     JobEvent,
     JobStateError,
+    OwnerLimit,
     QueueFull,
     Recovery,
     StoredFile,
@@ -39,7 +40,9 @@ from jobstore.records import (
 
 DB_NAME = "jobs.sqlite3"
 
-_SCHEMA = """
+#: Version 1: the tables as first shipped (``IF NOT EXISTS``: files made before versioning have
+#: them already, at ``user_version`` 0).
+_SCHEMA_V1 = """
 CREATE TABLE IF NOT EXISTS jobs (
     id               TEXT PRIMARY KEY,
     created_at       REAL NOT NULL,
@@ -82,6 +85,15 @@ CREATE TABLE IF NOT EXISTS idempotency_keys (
 );
 """
 
+#: ``(version, script)``, applied in order inside one transaction each; ``PRAGMA user_version``
+#: records the last one applied. Append, never edit: a file in the field is at any version.
+_MIGRATIONS: tuple[tuple[int, str], ...] = (
+    (1, _SCHEMA_V1),
+    # who submitted a job (a digest of the API key), for per-key limits
+    (2, "ALTER TABLE jobs ADD COLUMN owner TEXT;\nCREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, status);"),
+)
+SCHEMA_VERSION = _MIGRATIONS[-1][0]
+
 
 def _loads(text: str | None) -> Any:
     return None if text is None else json.loads(text)
@@ -105,6 +117,7 @@ def _job(row: sqlite3.Row) -> Job:
         progress=_loads(row["progress"]),
         error=_loads(row["error"]),
         result=_loads(row["result"]),
+        owner=row["owner"],
     )
 
 
@@ -134,7 +147,24 @@ class SQLiteJobStore(JobStore):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.timeout_s = timeout_s
         self._local = threading.local()
-        self._db.executescript(f"BEGIN IMMEDIATE;{_SCHEMA}COMMIT;")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Bring the file to :data:`SCHEMA_VERSION` (each step under the write lock, so two
+        processes opening a new file at once apply it once)."""
+        for version, script in _MIGRATIONS:
+            db = self._db
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                (current,) = db.execute("PRAGMA user_version").fetchone()
+                if current < version:
+                    for statement in filter(str.strip, script.split(";")):
+                        db.execute(statement)
+                    db.execute(f"PRAGMA user_version = {int(version)}")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
 
     @classmethod
     def in_data_dir(cls, data_dir: str | os.PathLike[str]) -> SQLiteJobStore:
@@ -186,12 +216,16 @@ class SQLiteJobStore(JobStore):
         idempotency_key: str | None = None,
         request_fingerprint: str | None = None,
         max_queued: int | None = None,
+        owner: str | None = None,
+        max_active_per_owner: int | None = None,
     ) -> tuple[Job, bool]:
         """Insert a queued job; returns ``(job, created)``.
 
         With an idempotency key seen before: the same fingerprint returns the original job
         (``created=False``); a different one raises :class:`IdempotencyConflict`.
         ``max_queued`` bounds the queue: raises :class:`QueueFull` when it is reached.
+        ``max_active_per_owner`` bounds ``owner``'s queued and running jobs: raises
+        :class:`OwnerLimit` when it is reached.
         """
         now = time.time()
         with self._tx() as db:
@@ -209,10 +243,16 @@ class SQLiteJobStore(JobStore):
                 (queued,) = db.execute("SELECT COUNT(*) FROM jobs WHERE status = 'queued'").fetchone()
                 if queued >= max_queued:
                     raise QueueFull(queued, max_queued)
+            if max_active_per_owner is not None:
+                (active,) = db.execute(
+                    "SELECT COUNT(*) FROM jobs WHERE owner IS ? AND status IN ('queued', 'running')", (owner,)
+                ).fetchone()
+                if active >= max_active_per_owner:
+                    raise OwnerLimit(active, max_active_per_owner)
             job_id = new_job_id(now)
             db.execute(
-                "INSERT INTO jobs (id, created_at, status, spec) VALUES (?, ?, 'queued', ?)",
-                (job_id, now, _dumps(spec)),
+                "INSERT INTO jobs (id, created_at, status, spec, owner) VALUES (?, ?, 'queued', ?, ?)",
+                (job_id, now, _dumps(spec), owner),
             )
             if idempotency_key is not None:
                 db.execute(

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from jobstore import DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS_ENV
+from jobstore import DEFAULT_MAX_ATTEMPTS, MAX_ATTEMPTS_ENV, MAX_DATA_BYTES_ENV
 from worker.served import parse_served_models
 from worker.sources import parse_roots
 
@@ -88,9 +88,13 @@ class Settings:
     served_models: Any = field(default_factory=dict)  # NAME=PATH entries; {name: Path} after init
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 4 << 30
+    #: Uploads and results together (in-progress ones included) stay under this; None: no quota.
+    max_data_bytes: int | None = None
     max_queued_jobs: int = 16
     #: A job whose worker dies goes back to the queue until it has started this many times.
     job_max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    #: Queued plus running jobs one API key may have (all clients share one key without auth).
+    max_jobs_per_key: int = 4
     #: None: follow the worker (:meth:`inflight_limit`); a number: exactly that many.
     max_inflight: int | None = None
     max_prompts: int = 16
@@ -112,7 +116,7 @@ class Settings:
             self.worker_socket = default_socket_path(self.data_dir)
         if self.worker_socket is not None:
             self.worker_socket = Path(self.worker_socket)
-        for name in ("max_body_bytes", "max_upload_bytes", "max_queued_jobs", "job_max_attempts", "max_inflight", "max_prompts", "worker_memory_mb"):
+        for name in ("max_body_bytes", "max_upload_bytes", "max_data_bytes", "max_queued_jobs", "job_max_attempts", "max_jobs_per_key", "max_inflight", "max_prompts", "worker_memory_mb"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -125,6 +129,13 @@ class Settings:
         if self.max_inflight is not None:
             return self.max_inflight
         return 2 * worker_batch if worker_batch else DEFAULT_INFLIGHT
+
+    @property
+    def api_keys(self) -> tuple[str, ...]:
+        """The accepted API keys: ``api_key`` split at commas (empty: no authentication)."""
+        if self.api_key is None:
+            return ()
+        return tuple(k.strip() for k in self.api_key.split(",") if k.strip())
 
     @property
     def spawn_worker(self) -> bool:
@@ -146,6 +157,8 @@ class Settings:
             "served_models": os.environ.get("MM_SERVED_MODELS", ""),
             "max_body_bytes": _env_int("MM_MAX_BODY_BYTES", 1 << 20),
             "max_upload_bytes": _env_int("MM_MAX_UPLOAD_BYTES", 4 << 30),
+            "max_data_bytes": _env_int(MAX_DATA_BYTES_ENV, None),
+            "max_jobs_per_key": _env_int("MM_MAX_JOBS_PER_KEY", 4),
             "max_queued_jobs": _env_int("MM_MAX_QUEUED_JOBS", 16),
             "job_max_attempts": _env_int(MAX_ATTEMPTS_ENV, DEFAULT_MAX_ATTEMPTS),
             "max_inflight": _env_int("MM_MAX_INFLIGHT", None),

@@ -36,6 +36,7 @@ ERROR_TYPES = {
     502: "server_error",
     503: "service_unavailable_error",
     504: "server_error",
+    507: "insufficient_storage_error",
 }
 
 
@@ -97,6 +98,7 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         422: "Idempotency-Key reused with a different body, or settings the export format cannot hold",
         429: "Too many queued jobs or requests in flight",
         503: "The worker is not ready",
+        507: "The storage quota for uploads and results (MM_MAX_DATA_BYTES) is used up",
     }
     return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")} for s in statuses}
 

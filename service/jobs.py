@@ -32,7 +32,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from metal_marlin.assets import BUILTIN_MODEL_NAME
-from service.auth import require_api_key
+from service.auth import request_owner, require_api_key
 from service.downloads import file_download
 from service.errors import APIError, error_responses, sse_error
 from service.openai_api import SSE_HEADERS
@@ -45,6 +45,7 @@ from service.schemas import (
     QuantizationJobEventList,
     QuantizationJobList,
 )
+from service.quota import remaining_bytes
 from service.state import ServiceState, get_state
 from jobstore import (
     IdempotencyConflict,
@@ -52,6 +53,7 @@ from jobstore import (
     JobEvent,
     JobStateError,
     JobStore,
+    OwnerLimit,
     QueueFull,
     fingerprint,
     is_job_id,
@@ -214,7 +216,7 @@ async def _wake_worker(state: ServiceState) -> None:
     "",
     response_model=QuantizationJob,
     summary="Create a quantization job",
-    responses=error_responses(400, 401, 413, 422, 429),
+    responses=error_responses(400, 401, 413, 422, 429, 507),
 )
 async def create_job(
     body: QuantizationJobCreate,
@@ -243,10 +245,16 @@ async def create_job(
                 response.headers["Idempotent-Replayed"] = "true"
                 return job_to_api(existing)
     spec = await run_in_threadpool(build_spec, body, state)
+    await remaining_bytes(state, "a new result")
     try:
         job, created = await run_in_threadpool(
             lambda: state.store.create_job(
-                spec, idempotency_key=idempotency_key, request_fingerprint=fp, max_queued=state.settings.max_queued_jobs
+                spec,
+                idempotency_key=idempotency_key,
+                request_fingerprint=fp,
+                max_queued=state.settings.max_queued_jobs,
+                owner=request_owner(request),
+                max_active_per_owner=state.settings.max_jobs_per_key,
             )
         )
     except IdempotencyConflict as exc:
@@ -254,6 +262,9 @@ async def create_job(
     except QueueFull as exc:
         state.metrics.rejected.inc(reason="job_queue_full")
         raise APIError(429, str(exc), code="job_queue_full", headers={"Retry-After": "30"}) from exc
+    except OwnerLimit as exc:
+        state.metrics.rejected.inc(reason="too_many_jobs")
+        raise APIError(429, str(exc), code="too_many_jobs", headers={"Retry-After": "30"}) from exc
     if created:
         await _wake_worker(state)
     else:

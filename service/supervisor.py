@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from service.config import Settings
-from jobstore import MAX_ATTEMPTS_ENV, JobStore
+from jobstore import MAX_ATTEMPTS_ENV, MAX_DATA_BYTES_ENV, JobStore
 from worker.proc import describe_exit
 from worker.protocol import WORKER_TOKEN_HEADER
 from worker.served import ENV_VAR as SERVED_MODELS_VAR
@@ -115,6 +115,9 @@ class WorkerSupervisor:
             env.setdefault(var, threads)
         env["MM_WORKER_TOKEN"] = s.worker_token
         env[MAX_ATTEMPTS_ENV] = str(s.job_max_attempts)  # the worker settles orphans at start by the same cap
+        env.pop(MAX_DATA_BYTES_ENV, None)
+        if s.max_data_bytes is not None:
+            env[MAX_DATA_BYTES_ENV] = str(s.max_data_bytes)  # the worker checks a result against it before publishing
         env.pop(SERVED_MODELS_VAR, None)  # the served models come as --model arguments
         env["PYTHONUNBUFFERED"] = "1"
         return env

@@ -12,6 +12,7 @@ from jobstore import (
     IdempotencyConflict,
     JobStateError,
     JobStore,
+    OwnerLimit,
     QueueFull,
     SQLiteJobStore,
     fingerprint,
@@ -244,3 +245,47 @@ def test_db_file_is_shared_between_store_instances(tmp_path: Path) -> None:
     b = SQLiteJobStore(tmp_path / "j.sqlite3")
     assert b.get(job.id).status == "queued"
     assert os.path.exists(tmp_path / "j.sqlite3-wal")
+
+
+def test_per_owner_limit_counts_queued_and_running_jobs_of_that_owner_only(store: JobStore) -> None:
+    for _ in range(2):
+        store.create_job(SPEC, owner="alice", max_active_per_owner=2)
+    with pytest.raises(OwnerLimit, match="limit 2"):
+        store.create_job(SPEC, owner="alice", max_active_per_owner=2)
+    bob, _ = store.create_job(SPEC, owner="bob", max_active_per_owner=2)
+    assert bob.owner == "bob" and store.counts()["queued"] == 3
+    first = store.claim("w1")
+    store.finish(first.id, "w1", "succeeded", message="done")  # a finished job frees a place
+    assert store.create_job(SPEC, owner="alice", max_active_per_owner=2)[0].owner == "alice"
+
+
+def test_a_file_from_before_versioning_is_migrated_and_keeps_its_jobs(tmp_path: Path) -> None:
+    import sqlite3
+
+    from jobstore.sqlite import _SCHEMA_V1, SCHEMA_VERSION
+
+    path = tmp_path / "jobs.sqlite3"
+    old = sqlite3.connect(path)
+    old.executescript(_SCHEMA_V1)
+    old.execute("INSERT INTO jobs (id, created_at, status, spec) VALUES (?, 1.0, 'queued', ?)", (new_job_id(1.0), '{"model": {}}'))
+    old.commit()
+    old.close()
+    store = SQLiteJobStore(path)
+    (version,) = store._db.execute("PRAGMA user_version").fetchone()
+    assert version == SCHEMA_VERSION == 2
+    (job,) = store.list()[0]
+    assert job.status == "queued" and job.owner is None and job.spec == {"model": {}}
+    SQLiteJobStore(path)  # opening again applies nothing twice
+    assert store.create_job(SPEC, owner="k")[0].owner == "k"
+
+
+def test_data_bytes_counts_uploads_results_and_unfinished_writes(tmp_path: Path) -> None:
+    from jobstore.layout import data_bytes, files_dir, jobs_dir
+
+    assert data_bytes(tmp_path) == 0
+    (files_dir(tmp_path) / ".tmp").mkdir(parents=True)
+    (files_dir(tmp_path) / ".tmp" / "x.part").write_bytes(b"a" * 100)
+    (jobs_dir(tmp_path) / ".staging" / "j.1").mkdir(parents=True)
+    (jobs_dir(tmp_path) / ".staging" / "j.1" / "model.safetensors").write_bytes(b"b" * 250)
+    (tmp_path / "jobs.sqlite3").write_bytes(b"c" * 1000)  # the database is not data
+    assert data_bytes(tmp_path) == 350

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from jobstore import Job, JobStore, open_store
+from jobstore.layout import result_dir, verify_result
 from worker.main import WorkerLockError, _acquire_lock
-from jobstore.layout import result_dir
 from worker.runner import JobRunner, cleanup_data_dir
 
 HP = {"bits": 4, "group_size": 32, "salient_ratio": 0.0, "activation_method": "rms", "n_samples": 2, "seq_len": 32, "n_grid": 2, "duo_scaling": False}
@@ -143,15 +143,16 @@ def _tiny_model_folder(folder: Path, make_tiny) -> Path:
     return save_hf_folder(folder, weights, cfg, extra_files={"tokenizer.json": tokenizer.to_str()})
 
 
-def _run_autoawq_job(setup, make_tiny, **hyperparameters) -> Job:
-    """Run an ``export_format: "autoawq"`` job on a tiny model to its end."""
-    store, runner, _, root, _ = setup
+def _run_tiny_job(setup, make_tiny, *, export_format: str = "autoawq", runner: JobRunner | None = None, **hyperparameters) -> Job:
+    """Run a job on a tiny model to its end (by default an ``export_format: "autoawq"`` one)."""
+    store, default_runner, _, root, _ = setup
+    runner = runner or default_runner
     folder = _tiny_model_folder(root / "tiny", make_tiny)
     spec = {
         "model": {"source": "path", "path": "tiny", "resolved": str(folder.resolve())},
         "calibration": {"source": "builtin"},
         "hyperparameters": {**HP, **hyperparameters},
-        "export_format": "autoawq",
+        "export_format": export_format,
     }
     job, _ = store.create_job(spec)
     runner.start()
@@ -161,7 +162,7 @@ def _run_autoawq_job(setup, make_tiny, **hyperparameters) -> Job:
 
 def test_autoawq_job_publishes_the_native_result_and_its_autoawq_export(setup, make_tiny) -> None:
     store, _, data, _, _ = setup
-    done = _run_autoawq_job(setup, make_tiny)
+    done = _run_tiny_job(setup, make_tiny)
     assert done.status == "succeeded", done.error
     final = result_dir(data, done.id)
     native, awq = final, final / "autoawq"
@@ -174,12 +175,37 @@ def test_autoawq_job_publishes_the_native_result_and_its_autoawq_export(setup, m
     assert "autoawq" not in {f["filename"] for f in done.result["files"]}  # a folder, not a file of the native result
     assert [e.data["stage"] for e in store.events(done.id, limit=100)[0] if e.type == "progress"][-1] == "exporting"
     assert not list((data / "jobs" / ".staging").iterdir())
+    # every published file has the checksum recorded before the folder became visible
+    assert verify_result(final) == []
+    sums = json.loads((final / ".checksums.json").read_text())["files"]
+    assert set(sums) >= {"model.safetensors", "autoawq/model.safetensors"}
+    assert all(f["sha256"] == sums[f["filename"]] for f in done.result["files"])
+    assert all(f["sha256"] == sums["autoawq/" + f["filename"]] for f in done.result["autoawq_files"])
+    with (awq / "model.safetensors").open("r+b") as handle:  # damage one byte: the check sees it
+        handle.seek(100)
+        byte = handle.read(1)
+        handle.seek(100)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    assert verify_result(final) == ["autoawq/model.safetensors: checksum mismatch"]
+
+
+def test_a_result_over_the_storage_quota_fails_the_job_and_publishes_nothing(setup, make_tiny) -> None:
+    store, _, data, root, _ = setup
+    small = JobRunner(store, data, "w-quota", roots=str(root), env=_env(), poll_interval_s=0.1, max_data_bytes=10_000)
+    try:
+        failed = _run_tiny_job(setup, make_tiny, export_format="mlx", runner=small)
+    finally:
+        small.stop()
+    assert failed.status == "failed" and failed.error["code"] == "storage_quota_exceeded", failed.error
+    assert "MM_MAX_DATA_BYTES = 10000" in failed.error["message"]
+    assert not result_dir(data, failed.id).exists()
+    assert not list((data / "jobs" / ".staging").iterdir())
 
 
 def test_a_failed_autoawq_export_publishes_nothing(setup, make_tiny) -> None:
     _, _, data, _, _ = setup
     # the service refuses bits != 4 with autoawq (422); a job that gets here anyway fails whole
-    failed = _run_autoawq_job(setup, make_tiny, bits=3)
+    failed = _run_tiny_job(setup, make_tiny, bits=3)
     assert failed.status == "failed" and failed.error["code"] == "invalid_job", failed.error
     assert "4-bit" in failed.error["message"], failed.error
     assert not result_dir(data, failed.id).exists()

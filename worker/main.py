@@ -37,7 +37,7 @@ import uvicorn
 from metal_marlin.device import MLXUnavailableError, device_info, on_gpu, select_device
 from worker.app import WorkerState, create_worker_app
 from worker.generation import MIB, ModelRegistry
-from jobstore import job_max_attempts, open_store
+from jobstore import MAX_DATA_BYTES_ENV, job_max_attempts, open_store
 from worker.proc import die_with_parent, watch_parent
 from worker.runner import JobRunner, cleanup_data_dir
 from worker.served import ENV_VAR as SERVED_MODELS_VAR
@@ -144,7 +144,8 @@ def run_worker(
     if run_jobs:
         child_env = dict(os.environ)
         child_env.pop("MM_WORKER_TOKEN", None)
-        runner = JobRunner(store, data_dir, worker_id, roots=roots, env=child_env)
+        quota = int(os.environ.get(MAX_DATA_BYTES_ENV, "") or 0) or None
+        runner = JobRunner(store, data_dir, worker_id, roots=roots, env=child_env, max_data_bytes=quota)
     # Sequences decoded together per model: a GPU's step costs about the same for 1 or 128
     # rows (memory-bound), a CPU's grows with them.
     batch = int(os.environ.get("MM_MAX_BATCH_SIZE", "") or (128 if on_gpu() else 16))

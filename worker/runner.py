@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from jobstore import Job, JobStore, is_job_id
-from jobstore.layout import format_dir, jobs_dir, remove_tree, result_dir, result_summary, spec_formats, write_checksums
+from jobstore.layout import data_bytes, format_dir, jobs_dir, remove_tree, result_dir, result_summary, spec_formats, write_checksums
 from worker.job_process import EXIT_CANCELLED, EXIT_INVALID, EXIT_LOST, EXIT_OK
 from worker.proc import describe_exit
 
@@ -64,6 +64,7 @@ class JobRunner:
         env: Mapping[str, str] | None = None,
         poll_interval_s: float = 1.0,
         cancel_grace_s: float = 10.0,
+        max_data_bytes: int | None = None,
     ) -> None:
         self.store = store
         self.data_dir = Path(data_dir)
@@ -73,6 +74,7 @@ class JobRunner:
         self.env = dict(env) if env is not None else None
         self.poll_interval_s = poll_interval_s
         self.cancel_grace_s = cancel_grace_s
+        self.max_data_bytes = max_data_bytes
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -168,6 +170,11 @@ class JobRunner:
             self._child = None
         self._finish(job, returncode, staging, error_file, stopped_for_shutdown)
 
+    def _over_quota(self) -> bool:
+        """Would publishing the staged result leave uploads and results over the quota? (The
+        staged files are counted already: they sit under ``jobs/.staging``.)"""
+        return self.max_data_bytes is not None and data_bytes(self.data_dir) > self.max_data_bytes
+
     def _finish(self, job: Job, returncode: int, staging: Path, error_file: Path, shutdown: bool) -> None:
         trash = jobs_dir(self.data_dir) / ".trash"
         error: dict[str, Any] | None = None
@@ -184,6 +191,12 @@ class JobRunner:
             missing = [f for f in spec_formats(job.spec) if not (format_dir(staging, f) / "model.safetensors").is_file()]
             if returncode == EXIT_OK and missing:
                 error = {"code": "internal_error", "message": f"the job process ended without writing its {' and '.join(missing)} result"}
+            elif returncode == EXIT_OK and self._over_quota():
+                error = {
+                    "code": "storage_quota_exceeded",
+                    "message": f"the result does not fit the server's storage quota (MM_MAX_DATA_BYTES = {self.max_data_bytes} bytes); "
+                    "delete old results or uploads and submit the job again",
+                }
             elif returncode == EXIT_OK:
                 final = result_dir(self.data_dir, job.id)
                 write_checksums(staging)
