@@ -503,8 +503,9 @@ def awq_quantize_model(
     ``metal-marlin collect``), else ``text_path``, else the built-in Wikipedia calibration
     split; ``n_samples`` x ``seq_len`` tokens. Writes ``model.safetensors``, ``config.json``,
     tokenizer files and ``quant_stats.json`` to ``output_path`` (atomically) and returns
-    the stats dict. ``progress`` receives one event per block; ``verbose`` draws a progress
-    bar when no callback is given. Raising from ``progress`` aborts (used for cancellation).
+    the stats dict. ``progress`` receives one event per block, then one with ``"stage":
+    "writing"`` before the files are written; ``verbose`` draws a progress bar when no
+    callback is given. Raising from ``progress`` aborts (used for cancellation).
     """
     from metal_marlin.checkpoints.hf import save_hf_folder
     from metal_marlin.checkpoints.loader import build_model_lazily, open_checkpoint
@@ -520,6 +521,7 @@ def awq_quantize_model(
     tokenizer = load_tokenizer(model_path)
     batch, source = _calibration_batch(model, tokenizer, activations_path, text_path, n_samples, seq_len)
 
+    on_event = progress  # the caller's callback (not the bar's): it also hears of the writing stage
     bar = None
     if progress is None and verbose:
         from tqdm import tqdm
@@ -535,6 +537,9 @@ def awq_quantize_model(
     finally:
         if bar is not None:
             bar.close()
+    if on_event is not None:
+        n_blocks = config.num_hidden_layers
+        on_event({"stage": "writing", "block": n_blocks, "n_blocks": n_blocks, "elapsed_s": time.perf_counter() - started})
     del model, load_block, checkpoint  # the float embedding lives on as numpy in ``tensors``
     mx.clear_cache()  # give MLX's freed buffers back before the output copies are made
     stats.update(

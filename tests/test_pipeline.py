@@ -265,12 +265,14 @@ def test_streaming_reads_one_block_at_a_time_and_matches_the_eager_pipeline(tmp_
     settings = dict(bits=4, group_size=64, salient_ratio=0.01, method="rtn")
     stats = awq_quantize_model(
         None, tmp_path / "s", n_samples=2, seq_len=64, verbose=False,
-        progress=lambda event: events.append(("released", event["block"] - 1)), **settings,
+        progress=lambda event: events.append(("writing", event["block"]) if event.get("stage") == "writing" else ("released", event["block"] - 1)),
+        **settings,
     )
 
     expected = [("read", -1)] * 2  # the embedding (tied, so no lm_head) and the final norm
     for i in range(smollm2.config.num_hidden_layers):
         expected += [("read", i)] * 9 + [("released", i)]  # 2 norms and 7 linears, each read once
+    expected.append(("writing", smollm2.config.num_hidden_layers))  # then the files are written
     assert events == expected
 
     # the eager path: the same float weights (the session model's, not released), same batch

@@ -6,6 +6,7 @@ Generation needs the worker (see test_service_e2e.py); here it must answer 503 c
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.app import create_app
 from service.config import Settings
@@ -247,8 +249,10 @@ def test_worker_device_in_health_and_metrics(client: TestClient) -> None:
         assert worker["pid"] == 123 and worker["restarts"] == 0  # the fields that were there before
         assert (worker["device"], worker["backend"], worker["device_name"]) == ("gpu", "cuda", 'NVIDIA "H200"\\x')
         text = client.get("/metrics").text
-        assert 'mm_worker_device_info{device="gpu",backend="cuda",name="NVIDIA \\"H200\\"\\\\x"} 1' in text, text
-        assert "mm_worker_up 1" in text
+        # parsed back, so label order (prometheus-client sorts) does not matter but escaping does
+        device_info = [(s.labels, s.value) for f in text_string_to_metric_families(text) if f.name == "mm_worker_device_info" for s in f.samples]
+        assert device_info == [({"device": "gpu", "backend": "cuda", "name": 'NVIDIA "H200"\\x'}, 1.0)], text
+        assert re.search(r"^mm_worker_up 1\.0$", text, re.M), text
     finally:
         sup.ready = False
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from jobstore.layout import verify_result
 
@@ -206,8 +208,9 @@ def test_health_models_metrics(server: Server) -> None:
     ids = [m["id"] for m in server.http.get("/v1/models").json()["data"]]
     assert ids[0] == BUILTIN
     metrics = httpx.get(f"{server.url}/metrics").text
-    assert "mm_worker_up 1" in metrics and 'mm_jobs{status="running"}' in metrics
-    assert 'mm_worker_device_info{device="cpu",backend="cpu",name=' in metrics
+    assert re.search(r"^mm_worker_up 1\.0$", metrics, re.M) and 'mm_jobs{status="running"}' in metrics
+    device_info = [s.labels for f in text_string_to_metric_families(metrics) if f.name == "mm_worker_device_info" for s in f.samples]
+    assert [(d["device"], d["backend"]) for d in device_info] == [("cpu", "cpu")] and "name" in device_info[0], metrics
 
 
 # ---------------------------------------------------------------------------------------
@@ -552,7 +555,7 @@ def test_worker_sigkill_mid_job_and_mid_stream(server: Server) -> None:
     # the new worker serves again (the quantized model loads in about a second)
     again = server.http.post("/v1/completions", json={"model": server.shared_job, "prompt": "Hello", "max_tokens": 1})
     assert again.status_code == 200, again.text
-    assert "mm_worker_restarts_total 1" in httpx.get(f"{server.url}/metrics").text
+    assert re.search(r"^mm_worker_restarts_total 1\.0$", httpx.get(f"{server.url}/metrics").text, re.M)
 
 
 def test_service_restart_keeps_history_and_results(server: Server) -> None:

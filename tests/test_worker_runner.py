@@ -173,7 +173,8 @@ def test_autoawq_job_publishes_the_native_result_and_its_autoawq_export(setup, m
     assert {f["filename"] for f in done.result["files"]} >= {"model.safetensors", "config.json", "tokenizer.json", "quant_stats.json"}
     assert {f["filename"] for f in done.result["autoawq_files"]} >= {"model.safetensors", "config.json", "tokenizer.json"}
     assert "autoawq" not in {f["filename"] for f in done.result["files"]}  # a folder, not a file of the native result
-    assert [e.data["stage"] for e in store.events(done.id, limit=100)[0] if e.type == "progress"][-1] == "exporting"
+    stages = [e.data["stage"] for e in store.events(done.id, limit=100)[0] if e.type == "progress"]
+    assert stages[0] == "loading" and stages[-3:] == ["quantizing", "writing", "exporting"], stages
     assert not list((data / "jobs" / ".staging").iterdir())
     # every published file has the checksum recorded before the folder became visible
     assert verify_result(final) == []

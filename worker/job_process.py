@@ -93,15 +93,16 @@ def run_job(
             raise JobLost("the worker process is gone")
         if store.cancel_requested(job_id):
             raise JobCancelled()
+        stage = str(event.get("stage", "quantizing"))
         data = {
-            "stage": "quantizing",
+            "stage": stage,
             "block": int(event.get("block", 0)),
             "n_blocks": int(event.get("n_blocks", 0)),
             "elapsed_s": round(float(event.get("elapsed_s", 0.0)), 3),
         }
         if "choice" in event:
             data["choice"] = event["choice"]
-        message = f"Block {data['block']}/{data['n_blocks']} quantized"
+        message = "Writing the result" if stage == "writing" else f"Block {data['block']}/{data['n_blocks']} quantized"
         if "choice" in event:
             message += f" ({event['choice']})"
         if not store.record_progress(job_id, worker, data, message):
