@@ -6,7 +6,9 @@ roots sends its model or calibration data here, then names it in a job by ``file
   body is streamed to ``<data>/files/.tmp/`` and refused with 413 as soon as it passes
   ``MM_MAX_UPLOAD_BYTES``; the content is checked for its purpose (400 otherwise), then the
   file is renamed to ``<data>/files/<file_id>`` and recorded. Whatever fails, no partial file
-  is left behind. The client's file name is metadata only: paths come from the id.
+  is left behind. With ``MM_MAX_DATA_BYTES`` the upload is refused with 507 as soon as it would
+  pass what is left of the quota for uploads and results. The client's file name is metadata
+  only: paths come from the id.
 - ``GET /v1/files`` (cursor pagination), ``GET /v1/files/{file_id}``,
   ``GET /v1/files/{file_id}/content``, ``DELETE /v1/files/{file_id}`` (409 while a queued or
   running job reads the file).
@@ -33,6 +35,7 @@ from service.downloads import file_download
 from service.errors import APIError, error_responses
 from service.middleware import too_large_message
 from service.multipart import MultipartError, MultipartReader, PartData, PartEnd, PartStart, boundary_from_content_type
+from service.quota import quota_exceeded, remaining_bytes
 from service.schemas import DeletedFile, FileList, FileObject, FilePurpose
 from service.state import ServiceState, get_state
 from jobstore import FILE_PURPOSES, FileInUse, JobStore, StoredFile, is_file_id, new_file_id
@@ -106,9 +109,10 @@ def check_purpose(purpose: str) -> None:
 class _Upload:
     """The state of one multipart upload while its body streams in."""
 
-    def __init__(self, tmp_path: Path, limit: int) -> None:
+    def __init__(self, tmp_path: Path, limit: int, quota: tuple[int, int] | None = None) -> None:
         self.tmp_path = tmp_path
         self.limit = limit
+        self.quota = quota  # (bytes left under MM_MAX_DATA_BYTES when the upload began, the quota)
         self.fields: dict[str, str] = {}
         self.filename: str | None = None
         self.size = 0
@@ -133,6 +137,8 @@ class _Upload:
                 self.size += len(event.data)
                 if self.size > self.limit:
                     raise APIError(413, too_large_message(self.limit), param="file", code="request_too_large")
+                if self.quota is not None and self.size > self.quota[0]:
+                    raise quota_exceeded(self.quota[1], "this upload")
                 await anyio.to_thread.run_sync(self._sink.write, event.data)
             else:
                 self._value += event.data
@@ -173,7 +179,7 @@ class _Upload:
     "lines) or an `activations.npz` from `metal-marlin collect`. Use the returned id as "
     '`{"source": "file", "file_id": ...}` in a quantization job. Limit: `MM_MAX_UPLOAD_BYTES`.',
     openapi_extra={"requestBody": _UPLOAD_BODY},
-    responses=error_responses(400, 401, 413, 415),
+    responses=error_responses(400, 401, 413, 415, 507),
 )
 async def upload_file(request: Request) -> FileObject:
     state = get_state(request)
@@ -184,8 +190,10 @@ async def upload_file(request: Request) -> FileObject:
     data_dir = state.settings.data_dir
     tmp_dir = files_dir(data_dir) / ".tmp"
     await anyio.to_thread.run_sync(lambda: tmp_dir.mkdir(parents=True, exist_ok=True))
+    left = await remaining_bytes(state, "this upload")
+    quota = None if left is None or state.settings.max_data_bytes is None else (left, state.settings.max_data_bytes)
     file_id = new_file_id()
-    upload = _Upload(tmp_dir / f"{file_id}.part", state.settings.max_upload_bytes)
+    upload = _Upload(tmp_dir / f"{file_id}.part", state.settings.max_upload_bytes, quota)
     published = False
     try:
         try:

@@ -72,3 +72,24 @@ def test_the_quota_setting_is_checked() -> None:
     with pytest.raises(ValueError, match="max_jobs_per_key"):
         Settings(data_dir=Path("d"), max_jobs_per_key=0)
     assert data_bytes(Path("does-not-exist")) == 0
+
+
+def _upload(client: TestClient, content: bytes):
+    return client.post("/v1/files", headers={"Authorization": f"Bearer {ALICE}"}, files={"file": ("calib.txt", content)}, data={"purpose": "calibration"})
+
+
+def test_an_upload_past_the_quota_is_507_and_leaves_nothing(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with _client(tmp_path, max_data_bytes=10_000) as client:
+        kept = _upload(client, b"First paragraph.\n\nSecond one.\n" * 100)  # about 3 KB: fits
+        assert kept.status_code == 200, kept.text
+        before = data_bytes(data)
+        err = assert_error(_upload(client, b"word " * 2_000), 507, "storage_quota_exceeded")  # 10 KB more: does not
+        assert "10000 bytes" in err["message"] and str(tmp_path) not in err["message"]
+        assert data_bytes(data) == before  # nothing half-written, the temp file is gone
+        assert not list((files_dir(data) / ".tmp").iterdir())
+        listed = client.get("/v1/files", headers={"Authorization": f"Bearer {ALICE}"}).json()["data"]
+        assert [f["id"] for f in listed] == [kept.json()["id"]]
+        # deleting frees the space again
+        client.delete(f"/v1/files/{kept.json()['id']}", headers={"Authorization": f"Bearer {ALICE}"})
+        assert _upload(client, b"word " * 1_500).status_code == 200
