@@ -1,9 +1,38 @@
-"""Name the machine a benchmark ran on, so every number carries its context."""
+"""Name the machine a benchmark ran on, and the command it ran, so every number carries its
+context. Reports are quoted in docs/RESULTS.md, which is committed: neither may name a path of
+the machine that ran them (its checkout, home or scratch folders)."""
 
 from __future__ import annotations
 
 import os
 import platform
+from collections.abc import Sequence
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def relative_args(argv: Sequence[str], base: Path = REPO) -> list[str]:
+    """``argv`` with each absolute path (also the value of ``--opt=PATH``) written relative to
+    ``base``, or as ``<abs>/NAME`` where it lies outside ``base``; other arguments as given."""
+    out = []
+    for arg in argv:
+        prefix, sep, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
+        if os.path.isabs(value):
+            path = Path(os.path.normpath(value))
+            value = os.path.relpath(path, base) if path.is_relative_to(base) else f"<abs>/{path.name}"
+        out.append(prefix + sep + value)
+    return out
+
+
+def repo_command(argv: Sequence[str]) -> str:
+    """The command that reruns ``argv`` (``sys.argv``: the script, then its arguments) from the
+    repository root: ``python bench/NAME.py ARGS``, whatever interpreter, checkout and working
+    directory ran it. The script is named relative to the repository, absolute paths as
+    :func:`relative_args` writes them, relative ones as given (the benchmarks run from the
+    root). Space-joined as the page quotes it, an empty argument as ``''`` so that it shows."""
+    script, *args = argv
+    return " ".join(arg or "''" for arg in ["python", *relative_args([str(Path(script).resolve()), *args])])
 
 
 def describe_machine() -> str:
@@ -23,7 +52,7 @@ def describe_machine() -> str:
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}, mlx {mx.__version__} on {mx.default_device()}, "
-        f"MLX BLAS: {_blas.loaded_blas or 'bundled reference'}"
+        f"MLX BLAS: {os.path.basename(_blas.loaded_blas or 'bundled reference')}"  # MM_BLAS_LIBRARY may be a path
     )
 
 

@@ -34,7 +34,7 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten
 
-from _machine import describe_machine
+from _machine import describe_machine, repo_command
 from metal_marlin.assets import wikipedia_summaries_path
 from metal_marlin.generate import SamplingParams
 from metal_marlin.generate.engine import Engine
@@ -229,7 +229,7 @@ def main() -> None:
 
     report = {
         "benchmark": "generate",
-        "command": "python bench/generate.py " + " ".join(sys.argv[1:]),
+        "command": repo_command(sys.argv),
         "machine": machine,
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "model": "given folder" if args.model else "built-in SmolLM2-135M-Instruct, every linear + embedding 4-bit g64 (mlx.nn.quantize)",

@@ -83,6 +83,7 @@ import metal_marlin  # noqa: E402,F401  (first: gives MLX's CPU backend a fast B
 import mlx.core as mx  # noqa: E402
 import mlx.nn as nn  # noqa: E402
 import numpy as np  # noqa: E402
+from _machine import relative_args, repo_command  # noqa: E402
 
 SECTIONS = ("smollm", "llama8b", "awq", "serve", "ppl")
 MiB = 2**20
@@ -316,15 +317,7 @@ def stream_times(tokens: Iterable[Any]) -> dict[str, float]:
 def relative_argv(argv: Sequence[str]) -> list[str]:
     """The command line with absolute paths made relative to the working directory (or, when
     outside it, reduced to '<abs>/name'), so no machine path enters the report."""
-    cwd = Path.cwd()
-    out = []
-    for arg in argv:
-        prefix, sep, value = arg.partition("=") if arg.startswith("--") and "=" in arg else ("", "", arg)
-        if os.path.isabs(value):
-            p = Path(value)
-            value = os.path.relpath(p, cwd) if p.is_relative_to(cwd) else f"<abs>/{p.name}"
-        out.append(prefix + sep + value)
-    return out
+    return relative_args(argv, Path.cwd())
 
 
 def nvidia_smi(query: str = "--query-gpu=name,driver_version,memory.total") -> str | None:
@@ -350,7 +343,7 @@ def machine_info(argv: Sequence[str]) -> dict[str, Any]:
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
         "default_device": str(mx.default_device()),
-        "command": "python " + " ".join(relative_argv(argv)),
+        "command": repo_command(argv),
         "start_utc": _utc_now(),
     }
 

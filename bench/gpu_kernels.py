@@ -26,7 +26,7 @@ from typing import Any, Callable
 import mlx.core as mx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import describe_gpu, describe_machine  # noqa: E402
+from _machine import describe_gpu, describe_machine, repo_command  # noqa: E402
 from _models import llama_config, quantized_weight_bytes, random_quantized_llama  # noqa: E402
 
 from metal_marlin.kernels import gemv  # noqa: E402
@@ -209,7 +209,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--shapes", default=None, help="prefix of the weight shapes to measure (e.g. 8b.)")
     args = parser.parse_args()
-    report: dict[str, Any] = {"machine": describe_machine(), "gpu": describe_gpu(), "command": " ".join(["python", *sys.argv])}
+    report: dict[str, Any] = {"machine": describe_machine(), "gpu": describe_gpu(), "command": repo_command(sys.argv)}
 
     def save() -> None:
         Path(args.out).write_text(json.dumps(report, indent=1))

@@ -166,7 +166,7 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(Path(__file__).parent))
-    from _machine import describe_machine
+    from _machine import describe_machine, repo_command
 
     from metal_marlin.checkpoints.loader import load_builtin_model
     from metal_marlin.pipeline import validate_settings
@@ -190,7 +190,7 @@ def main() -> None:
     started = time.time()
     report: dict[str, Any] = {
         "benchmark": "quality",
-        "command": "python bench/quality.py " + " ".join(sys.argv[1:]),
+        "command": repo_command(sys.argv),
         "machine": describe_machine(),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "calibration": f"{args.n_samples} x {args.seq_len} tokens of the Wikipedia calibration split",

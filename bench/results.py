@@ -21,10 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+from _machine import relative_args  # bench/ is on the path: this file runs as a script
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -201,11 +204,24 @@ def _skipped(section: Any) -> bool:
     return isinstance(section, dict) and "skipped" in section
 
 
-def _device_command(command: str | None) -> str:
-    """A command as run on the GPU machine, with its scratch paths written as there."""
-    text = command or "-"
-    for absolute, shown in (("--out <abs>/", "--out $OUT/"), ("--workdir <abs>/", "--workdir <scratch>/"), ("/root/out/", "$OUT/")):
-        text = text.replace(absolute, shown)
+def shown_command(command: str | None) -> str:
+    """A report's command as the page quotes it, with no path of the machine that ran it.
+
+    Reports record :func:`_machine.repo_command`'s form; older ones named the interpreter and
+    absolute paths (``--json <checkout>/bench/out/x.json``) and showed an empty argument as
+    two spaces, so the words (space-joined) go through the same rules again: the interpreter
+    as ``python``, paths relative to the repository, an empty argument as ``''``.
+    A device run's output and scratch folders (outside the checkout) read ``$OUT`` and
+    ``<scratch>``, as its README commands write them.
+    """
+    if not command:
+        return "-"
+    words = relative_args(command.rstrip(" ").split(" "))
+    if os.path.basename(words[0]).startswith("python"):
+        words[0] = "python"
+    text = " ".join(word or "''" for word in words)
+    for placeholder, shown in (("--out <abs>/", "--out $OUT/"), ("--workdir <abs>/", "--workdir <scratch>/")):
+        text = text.replace(placeholder, shown)
     return text
 
 
@@ -290,7 +306,7 @@ def render_gpu(gpu: dict[str, Any], kernels: dict[str, Any] | None) -> list[str]
         f"mlx-lm {machine.get('mlx_lm', '-')}, Python {machine.get('python', '-')}; measured device bandwidth "
         f"{_f(summary.get('bandwidth.gb_s'), 0)} GB/s (a 2 GiB copy, bytes read + written).  ",
         "Commands, run on the device after `scripts/device_setup.sh` (the README says how): "
-        + "; ".join(f"`{_device_command(c)}`" for c in gpu.get("commands", []) if c) + ".",
+        + "; ".join(f"`{shown_command(c)}`" for c in gpu.get("commands", []) if c) + ".",
         "Every figure is the median of the repeats, metal-marlin and mlx-lm alternated in the same process",
         "(the service figures: both servers up side by side, taking turns per level), after an untimed warm-up",
         "of the same shapes (MLX compiles each new GPU kernel at its first use).",
@@ -368,7 +384,7 @@ def _skipped_lines(skipped: dict[str, str], names: tuple[str, ...]) -> list[str]
 def render_gpu_kernels(kernels: dict[str, Any]) -> list[str]:
     """Our fused int4 kernel vs MLX's quantized_matmul, and a decode step's parts."""
     lines = ["### The fused int4 kernel vs MLX's `quantized_matmul` (float16, one product)", "",
-             f"Command: `{_device_command(kernels.get('command'))}`. Microseconds per product: 20 products on distinct",
+             f"Command: `{shown_command(kernels.get('command'))}`. Microseconds per product: 20 products on distinct",
              "inputs replayed as one compiled graph (device time, not Python's), median; effective weight bandwidth",
              "in brackets; MLX with a 2-D input `[M, K]` and with the `[M, 1, K]` input a decode batch passes.", "",
              "| weight (K -> N) | rows | fused (ours) | MLX 2-D | MLX 3-D |", "|---|---:|---:|---:|---:|"]
@@ -399,7 +415,7 @@ def render_gpu_kernels(kernels: dict[str, Any]) -> list[str]:
 
 
 def _provenance(report: dict[str, Any]) -> str:
-    return (f"Run: `{report['command']}` (started {report['started']}).  \n"
+    return (f"Run: `{shown_command(report['command'])}` (started {report['started']}).  \n"
             f"Machine: {report['machine']}.")
 
 

@@ -57,7 +57,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
-from _machine import describe_machine  # noqa: E402
+from _machine import describe_machine, repo_command  # noqa: E402
 
 PROMPTS = [
     "Explain how a refrigerator keeps food cold.",
@@ -326,7 +326,7 @@ def main() -> int:
         shutil.rmtree(scratch, ignore_errors=True)
 
     report = {
-        "command": "python bench/serve.py " + " ".join(sys.argv[1:]),
+        "command": repo_command(sys.argv),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "machine": machine, "model": str(folder), "max_tokens": args.max_tokens, "requests_per_client": args.requests,
         "temperature": 0.0, "mlx_lm_ld_preload": _blas.loaded_blas, "mlx_lm_weights": their_dtype, "rows": rows,

@@ -6,7 +6,9 @@ model's layer widths (checked from its config/GGUF metadata, without loading wei
 job that cannot run is refused with a 400 instead of failing later.
 
 Sources: the built-in model and Wikipedia text, uploaded files (``{"source": "file",
-"file_id": ...}``, see :mod:`service.files`), or paths under the model roots.
+"file_id": ...}``, see :mod:`service.files`), or paths under the model roots. ``model`` also
+takes a name, as OpenAI's jobs APIs do (see :func:`model_source_for_name`): it is stored as
+the object it stands for, so the worker only ever reads objects.
 
 ``GET .../{id}/events`` lists events, or with ``?stream=true`` (or ``Accept:
 text/event-stream``) follows them live as Server-Sent Events until the job ends.
@@ -22,9 +24,11 @@ text/event-stream``) follows them live as Server-Sent Events until the job ends.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path as PathType  # ``Path`` is FastAPI's path parameter here
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
@@ -37,8 +41,12 @@ from service.downloads import file_download
 from service.errors import APIError, error_responses, sse_error
 from service.openai_api import SSE_HEADERS
 from service.schemas import (
+    BuiltinModelSource,
     DeletedJob,
     ExportFormat,
+    FileModelSource,
+    ModelSourceObject,
+    PathModelSource,
     QuantizationJob,
     QuantizationJobCreate,
     QuantizationJobEvent,
@@ -56,6 +64,7 @@ from jobstore import (
     OwnerLimit,
     QueueFull,
     fingerprint,
+    is_file_id,
     is_job_id,
     parse_event_id,
 )
@@ -137,23 +146,84 @@ def check_export_format(body: QuantizationJobCreate) -> None:
         )
 
 
+def _served_model_path(name: str, served: PathType, roots: list[PathType]) -> str:
+    """A served model's path as a job's ``model.path``: relative to the model root that holds
+    it, so the job does not show clients the server's absolute path (model cards do not
+    either); absolute only where an earlier root holds the same relative path (relative paths
+    are tried root by root). Jobs read models only under the roots, so a served model
+    elsewhere cannot be quantized: :class:`SourceError` then."""
+    try:
+        resolved = resolve_under_roots(str(served), roots, param="model", what="model")
+    except SourceError as exc:
+        reason = (
+            "it is not under the server's model roots (MM_MODEL_ROOTS), the only places quantization jobs read models from"
+            if exc.code == "path_not_allowed" else "its file or folder no longer exists"
+        )
+        raise SourceError(f"served model {name!r} cannot be quantized: {reason}", param="model", code=exc.code) from exc
+    root = next(r for r in roots if resolved.is_relative_to(r))
+    relative = str(resolved.relative_to(root))
+    return relative if resolve_under_roots(relative, roots, param="model", what="model") == resolved else str(resolved)
+
+
+def model_source_for_name(name: str, state: ServiceState) -> ModelSourceObject:
+    """The object a job's ``model`` given as a string stands for, so that the stored spec (and
+    the worker, which reads it) is exactly what sending that object gives. Names are the ids
+    ``GET /v1/models`` lists, then upload ids. A job id is refused with 400 (its result is
+    quantized, and ``open_checkpoint`` only reads float checkpoints); anything else is 404."""
+    if name == BUILTIN_MODEL_NAME:
+        return BuiltinModelSource()
+    served = state.settings.served_models.get(name)
+    if served is not None:
+        return PathModelSource(source="path", path=_served_model_path(name, served, state.settings.roots))
+    if is_file_id(name):
+        return FileModelSource(source="file", file_id=name)
+    job = state.store.get(name) if is_job_id(name) else None
+    if job is not None:
+        raise APIError(
+            400,
+            f"model {name!r} is a quantization job, whose result is already quantized; jobs quantize float "
+            f"(fp32/fp16/bf16) checkpoints: submit the model that job started from ({_model_name(job.spec['model'])!r}) instead",
+            param="model",
+            code="model_already_quantized",
+        )
+    raise APIError(
+        404,
+        f"no model {name!r} to quantize: model takes the built-in model's name ({BUILTIN_MODEL_NAME!r}), a served "
+        "model's name (GET /v1/models), an uploaded model's file id (file-...), or an object with source "
+        "'builtin', 'path' or 'file'",
+        param="model",
+        code="model_not_found",
+    )
+
+
+def _declares_quantization(folder: PathType) -> bool:
+    """Whether a model folder's config.json declares a quantization (MLX ``quantization``, or
+    any ``quantization_config``): ``open_checkpoint`` refuses such a folder, so a job on it
+    could only fail in the worker."""
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return config.get("quantization") is not None or bool(config.get("quantization_config"))
+
+
 def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, Any]:
     """The stored job spec: sources resolved under the roots, hyperparameters complete."""
     check_export_format(body)
     roots = state.settings.roots
     data_dir = state.settings.data_dir
+    # A model given by name: errors name ``model``, the field the client sent.
+    file_param, path_param = ("model", "model") if isinstance(body.model, str) else ("model.file_id", "model.path")
     try:
-        if body.model.source == "builtin":
+        source = model_source_for_name(body.model, state) if isinstance(body.model, str) else body.model
+        if source.source == "builtin":
             model: dict[str, Any] = {"source": "builtin"}
             model_path = None
-        elif body.model.source == "file":
-            _, model_path = resolve_file_source(state.store, data_dir, body.model.file_id, purpose="model", param="model.file_id")
-            model = {"source": "file", "file_id": body.model.file_id}
+        elif source.source == "file":
+            _, model_path = resolve_file_source(state.store, data_dir, source.file_id, purpose="model", param=file_param)
+            model = {"source": "file", "file_id": source.file_id}
         else:
-            model_path = resolve_under_roots(body.model.path, roots, param="model.path", what="model")
+            model_path = resolve_under_roots(source.path, roots, param=path_param, what="model")
             if not (model_path.is_dir() or model_path.is_file()):
-                raise SourceError("model.path must be a .gguf file or a model folder", param="model.path", code="invalid_model")
-            model = {"source": "path", "path": body.model.path, "resolved": str(model_path)}
+                raise SourceError(f"{path_param} must be a .gguf file or a model folder", param=path_param, code="invalid_model")
+            model = {"source": "path", "path": source.path, "resolved": str(model_path)}
         cal = body.calibration
         if cal.source == "builtin":
             calibration: dict[str, Any] = {"source": "builtin"}
@@ -173,7 +243,12 @@ def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, An
     except FileNotFoundError as exc:  # the built-in model's package is not installed
         raise APIError(400, str(exc), param="model", code="model_not_available") from exc
     except (ValueError, OSError) as exc:
-        raise APIError(400, f"cannot read the model: {exc}", param="model.path", code="invalid_model") from exc
+        raise APIError(400, f"cannot read the model: {exc}", param=path_param, code="invalid_model") from exc
+    if model_path is not None and model_path.is_dir() and _declares_quantization(model_path):
+        raise APIError(
+            400, "the model is already quantized (its config.json declares a quantization); jobs quantize float "
+            "(fp32/fp16/bf16) checkpoints", param=path_param, code="model_already_quantized",
+        )
 
     group_size = body.group_size
     if group_size is None:
@@ -216,7 +291,7 @@ async def _wake_worker(state: ServiceState) -> None:
     "",
     response_model=QuantizationJob,
     summary="Create a quantization job",
-    responses=error_responses(400, 401, 413, 422, 429, 507),
+    responses=error_responses(400, 401, 404, 413, 422, 429, 507),
 )
 async def create_job(
     body: QuantizationJobCreate,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 from jobstore import FILE_PURPOSES, JOB_STATUSES
 from jobstore.layout import EXPORT_FORMATS
@@ -40,7 +40,48 @@ class FileModelSource(BaseModel):
     file_id: FileIdStr
 
 
-ModelSource = Annotated[Union[BuiltinModelSource, PathModelSource, FileModelSource], Field(discriminator="source")]
+ModelSourceObject = Union[BuiltinModelSource, PathModelSource, FileModelSource]
+MODEL_SOURCE_TAGS = ("builtin", "path", "file")
+MAX_MODEL_NAME_CHARS = 256
+ModelName = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_MODEL_NAME_CHARS,
+        description="A model by name, as OpenAI's jobs APIs take it: the built-in model's name or a served model's "
+        "name (see `GET /v1/models`), or an uploaded model's file id (`file-...`, purpose `model`). A quantization "
+        "job's id is refused with 400: its result is already quantized.",
+    ),
+]
+
+
+def _model_source_tag(value: Any) -> str | None:
+    """Which alternative a job's ``model`` is: a name (a string) or an object, told apart by
+    its ``source``. None (a string no name can be, another type or an unknown source) gets
+    one message on ``model`` itself that lists every accepted form, where a failed member
+    would report a location the client never sent (``model.name``)."""
+    if isinstance(value, str):
+        return "name" if 0 < len(value) <= MAX_MODEL_NAME_CHARS else None
+    source = value.get("source") if isinstance(value, dict) else getattr(value, "source", None)
+    return source if source in MODEL_SOURCE_TAGS else None
+
+
+# A callable discriminator, not ``Field(discriminator="source")``: a string has no ``source``.
+# Tagged members keep error locations as before (``model.path.path``), not pydantic's union labels.
+ModelSource = Annotated[
+    Union[
+        Annotated[BuiltinModelSource, Tag("builtin")],
+        Annotated[PathModelSource, Tag("path")],
+        Annotated[FileModelSource, Tag("file")],
+        Annotated[ModelName, Tag("name")],
+    ],
+    Discriminator(
+        _model_source_tag,
+        custom_error_type="invalid_model",
+        custom_error_message="model must be a model name (the built-in model, a served model, or an uploaded "
+        "model's file-... id) or an object with source 'builtin', 'path' or 'file'",
+    ),
+]
 
 
 class BuiltinCalibration(BaseModel):
@@ -89,7 +130,11 @@ class QuantizationJobCreate(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: ModelSource = Field(default_factory=BuiltinModelSource)
+    model: ModelSource = Field(
+        default_factory=BuiltinModelSource,
+        description="The model to quantize: a name (string) or a source object. A name is stored as the object "
+        "it stands for (the built-in model, the path of a served model under the model roots, or the upload).",
+    )
     calibration: CalibrationSource = Field(default_factory=BuiltinCalibration)
     bits: Literal[2, 3, 4, 8] = 4
     group_size: Literal[32, 64, 128, 256] | None = Field(
