@@ -47,6 +47,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -182,6 +183,18 @@ class Server:
 # ---------------------------------------------------------------------------------------
 # Clients
 # ---------------------------------------------------------------------------------------
+async def sse_events(resp: httpx.Response) -> AsyncIterator[dict[str, Any] | None]:
+    """The JSON events of an OpenAI-style SSE stream, then None for its ``[DONE]``."""
+    async for line in resp.aiter_lines():
+        if not line.startswith("data:"):
+            continue
+        payload = line[5:].strip()
+        if payload == "[DONE]":
+            yield None
+            return
+        yield json.loads(payload)
+
+
 async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, max_tokens: int) -> dict[str, Any]:
     body = {
         "model": server.model, "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
@@ -196,14 +209,10 @@ async def one_request(client: httpx.AsyncClient, server: Server, prompt: str, ma
         async with client.stream("POST", server.url + "/v1/chat/completions", json=body) as resp:
             if resp.status_code != 200:
                 return {"error": f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}", "start": start, "end": time.perf_counter()}
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
+            async for event in sse_events(resp):
+                if event is None:
                     done = True
                     break
-                event = json.loads(payload)
                 if "error" in event:
                     return {"error": f"error event: {event['error']}", "start": start, "end": time.perf_counter()}
                 for choice in event.get("choices") or []:

@@ -51,7 +51,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 
 from _machine import describe_machine, relative_args, repo_command  # noqa: E402
-from serve import PROMPTS, Server, free_port, percentile  # noqa: E402
+from serve import PROMPTS, Server, free_port, percentile, sse_events  # noqa: E402
 
 from metal_marlin.assets import BUILTIN_MODEL_NAME  # noqa: E402
 
@@ -108,14 +108,10 @@ async def one_request(client: httpx.AsyncClient, url: str, body: dict[str, Any],
             if resp.status_code != 200:
                 tally.error(f"HTTP {resp.status_code}: {(await resp.aread())[:200]!r}")
                 return
-            async for line in resp.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                payload = line[5:].strip()
-                if payload == "[DONE]":
+            async for event in sse_events(resp):
+                if event is None:
                     done = True
                     break
-                event = json.loads(payload)
                 if "error" in event:
                     tally.error(f"error event: {event['error']}")
                     return
