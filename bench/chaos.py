@@ -10,10 +10,12 @@ faults, not the quality) and kills at a moment picked for that round:
 - ``calibration``: while the job loads the model and its calibration data;
 - ``search``: after a random block of the AWQ search;
 - ``writing``: after the last block, while the result is being written and published
-  (a random delay of 0 to 1.5 s after the ``writing`` event).
+  (a random delay of 0 to 0.4 s after the ``writing`` event).
 
 Every fourth round kills the gateway too (both SIGKILL, worker first), then starts the
-service again on the same data directory, as a supervisor (launchd, systemd) would.
+service again on the same data directory, as a supervisor (launchd, systemd) would. Every
+fifth round is relentless: it kills again at each new attempt of the job, so the retry cap
+is reached and the job must end ``failed`` with the crash's code.
 
 After each round it checks, and the report records per round:
 
@@ -59,6 +61,7 @@ from jobstore.layout import CHECKSUMS_FILE, verify_result  # noqa: E402
 JOB = {"n_samples": 2, "seq_len": 32, "n_grid": 2}  # about 30 blocks of real AWQ search, quickly
 STAGES = ("calibration", "search", "writing")
 HEALTH_DEADLINE_S = 5.0
+WRITING_DELAY_MAX_S = 0.4  # writing and publishing SmolLM2's result takes about half a second here
 TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
@@ -124,7 +127,7 @@ def _wait_for_moment(http: httpx.Client, job_id: str, stage: str, rng: random.Ra
                 if target_block is not None and progress.get("block", 0) >= target_block:
                     return progress
             if stage == "writing" and progress.get("stage") == "writing":
-                time.sleep(rng.uniform(0.0, 1.5))
+                time.sleep(rng.uniform(0.0, WRITING_DELAY_MAX_S))
                 return progress
         time.sleep(0.05)
     return {"missed": True, "status": "timeout"}
@@ -138,6 +141,19 @@ def _first_answer_s(url: str, since: float, limit_s: float = 30.0) -> float | No
             return time.monotonic() - since
         except httpx.HTTPError:
             time.sleep(0.05)
+    return None
+
+
+def _wait_new_worker(url: str, old_pid: int, since: float, timeout_s: float) -> float | None:
+    """Seconds from ``since`` until ``/health`` is 200 with a worker other than ``old_pid``."""
+    while time.monotonic() - since < timeout_s:
+        try:
+            resp = httpx.get(f"{url}/health", timeout=1.0)
+            if resp.status_code == 200 and resp.json()["worker"]["pid"] != old_pid:
+                return round(time.monotonic() - since, 2)
+        except (httpx.HTTPError, ValueError, KeyError, TypeError):
+            pass
+        time.sleep(0.1)
     return None
 
 
@@ -166,27 +182,42 @@ def _kill(pid: int | None) -> None:
             pass
 
 
-def run_round(index: int, server: Server, http: httpx.Client, data_dir: Path, rng: random.Random, kill_gateway: bool, job_timeout_s: float) -> dict[str, Any]:
+def run_round(index: int, server: Server, http: httpx.Client, data_dir: Path, rng: random.Random, *,
+              kill_gateway: bool, relentless: bool, job_timeout_s: float) -> dict[str, Any]:
+    """One job, killed at the round's moment; ``relentless``: killed again at every new
+    attempt, so the retry cap is reached and the job must fail with a stated code."""
     stage = STAGES[index % len(STAGES)]
-    out: dict[str, Any] = {"round": index + 1, "stage": stage, "killed": "worker+gateway" if kill_gateway else "worker"}
-    health = http.get("/health").json()
-    worker_pid = health["worker"]["pid"]
+    out: dict[str, Any] = {"round": index + 1, "stage": stage, "killed": "worker+gateway" if kill_gateway else "worker",
+                           "relentless": relentless}
     job_id = http.post("/v1/quantization/jobs", json=JOB).json()["id"]
     out["job"] = job_id
     follower = EventFollower(server.url, job_id, time.monotonic() + job_timeout_s)
     follower.start()
-    moment = _wait_for_moment(http, job_id, stage, rng, timeout_s=job_timeout_s / 2)
-    out["at"] = {k: moment[k] for k in ("stage", "block", "n_blocks", "missed", "status") if k in moment}
-    killed_at = time.monotonic()
-    _kill(worker_pid)
-    if kill_gateway:
-        assert server.proc is not None
-        _kill(server.proc.pid)
-        server.proc.wait()
-        server.start()
-    out["health_answer_s"] = _first_answer_s(server.url, killed_at)
-    server.wait_ready(180)
-    out["ready_s"] = round(time.monotonic() - killed_at, 2)
+    answers: list[float | None] = []
+    readies: list[float | None] = []
+    kills = 0
+    while True:
+        moment = _wait_for_moment(http, job_id, stage, rng, timeout_s=job_timeout_s / 2)
+        if kills == 0:
+            out["at"] = {k: moment[k] for k in ("stage", "block", "n_blocks", "missed", "status") if k in moment}
+        if moment.get("missed"):
+            break
+        worker_pid = http.get("/health").json()["worker"]["pid"]
+        killed_at = time.monotonic()
+        _kill(worker_pid)
+        if kill_gateway:
+            assert server.proc is not None
+            _kill(server.proc.pid)
+            server.proc.wait()
+            server.start()
+        kills += 1
+        answers.append(_first_answer_s(server.url, killed_at))
+        readies.append(_wait_new_worker(server.url, worker_pid, killed_at, timeout_s=180))
+        if not relentless:
+            break
+    out["kills"] = kills
+    out["health_answer_s"] = None if None in answers or not answers else round(max(answers), 3)
+    out["ready_s"] = None if None in readies or not readies else max(readies)
     deadline = time.monotonic() + job_timeout_s
     job = _job(http, job_id)
     while time.monotonic() < deadline and (job is None or job["status"] not in TERMINAL):
@@ -195,7 +226,7 @@ def run_round(index: int, server: Server, http: httpx.Client, data_dir: Path, rn
     follower.join(timeout=max(1.0, deadline - time.monotonic()))
     follower.done = True
     out["status"] = job["status"] if job else "unknown"
-    out["error_code"] = (job or {}).get("error", {}) and job["error"].get("code")
+    out["error_code"] = ((job or {}).get("error") or {}).get("code")
     events = follower.events
     out["attempts"] = sum(1 for e in events if e["type"] == "started")
     told = [e for e in events if e["type"] in ("requeued", "failed") and (e.get("data") or {}).get("code")]
@@ -203,12 +234,13 @@ def run_round(index: int, server: Server, http: httpx.Client, data_dir: Path, rn
     out["stream_reconnects"] = follower.reconnects
     out["stream_saw_end"] = bool(events) and events[-1]["type"] in TERMINAL
     out["visible_result_problems"] = _check_visible_results(data_dir, http)
-    health_ok = out["health_answer_s"] is not None and out["health_answer_s"] <= HEALTH_DEADLINE_S
+    health_ok = bool(answers) and out["health_answer_s"] is not None and out["health_answer_s"] <= HEALTH_DEADLINE_S
     settled = out["status"] == "succeeded" or (out["status"] == "failed" and bool(out["error_code"]))
     # a job the kill reached (it had to start again, or it failed) must have told its client;
     # one that had already been published before the kill landed has nothing to tell
     affected = out["attempts"] > 1 or out["status"] == "failed"
-    out["ok"] = bool(health_ok and settled and (told or not affected) and out["stream_saw_end"] and not out["visible_result_problems"])
+    out["ok"] = bool((health_ok or not kills) and settled and (told or not affected) and out["stream_saw_end"]
+                     and not out["visible_result_problems"])
     return out
 
 
@@ -218,6 +250,8 @@ def main() -> int:
     parser.add_argument("--budget-s", type=float, default=1500, help="stop starting rounds after this long")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--gateway-every", type=int, default=4, help="kill the gateway too in every k-th round")
+    parser.add_argument("--relentless-every", type=int, default=5,
+                        help="in every k-th round kill again at each new attempt, until the retry cap fails the job")
     parser.add_argument("--job-timeout-s", type=float, default=300)
     parser.add_argument("--out", type=Path, default=BENCH / "out" / "chaos.json")
     parser.add_argument("--keep", action="store_true", help="keep the scratch data directory")
@@ -241,7 +275,9 @@ def main() -> int:
                     print(f"budget of {args.budget_s:.0f} s used: stopping after {i} rounds", flush=True)
                     break
                 kill_gateway = args.gateway_every > 0 and (i + 1) % args.gateway_every == 0
-                result = run_round(i, server, http, data_dir, rng, kill_gateway, args.job_timeout_s)
+                relentless = args.relentless_every > 0 and (i + 1) % args.relentless_every == 0
+                result = run_round(i, server, http, data_dir, rng, kill_gateway=kill_gateway, relentless=relentless,
+                                   job_timeout_s=args.job_timeout_s)
                 rounds.append(result)
                 print(json.dumps(result), flush=True)
     finally:
@@ -253,7 +289,7 @@ def main() -> int:
         "bench": "chaos",
         "machine": describe_machine(),
         "command": repo_command(sys.argv),
-        "settings": {"job": JOB, "rounds": args.rounds, "seed": args.seed, "gateway_every": args.gateway_every,
+        "settings": {"job": JOB, "rounds": args.rounds, "seed": args.seed, "gateway_every": args.gateway_every, "relentless_every": args.relentless_every,
                      "max_attempts": int(os.environ.get("MM_JOB_MAX_ATTEMPTS", "3")), "health_deadline_s": HEALTH_DEADLINE_S},
         "wall_s": round(time.monotonic() - started, 1),
         "rounds": rounds,
@@ -272,6 +308,7 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
         "rounds": len(rounds),
         "ok": sum(r["ok"] for r in rounds),
         "succeeded": sum(r["status"] == "succeeded" for r in rounds),
+        "succeeded_after_retry": sum(r["status"] == "succeeded" and r["attempts"] > 1 for r in rounds),
         "failed_with_code": sum(r["status"] == "failed" and bool(r["error_code"]) for r in rounds),
         "lost": sum(r["status"] not in TERMINAL for r in rounds),
         "visible_partial_results": sum(len(r["visible_result_problems"]) for r in rounds),
@@ -279,11 +316,15 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def _f(value: float | None) -> str:
+    return "none" if value is None else f"{value:.1f}"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The results page's section: one row per round, then the summary."""
     lines = [
-        "| round | killed | at | attempts | outcome | client told | /health answered (s) | worker ready (s) | visible results ok |",
-        "|---:|---|---|---:|---|---|---:|---:|---|",
+        "| round | killed | at | kills | attempts | outcome | client told | /health answered (s) | new worker ready (s) | visible results ok |",
+        "|---:|---|---|---:|---:|---|---|---:|---:|---|",
     ]
     for r in report["rounds"]:
         at = r["at"]
@@ -293,10 +334,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         outcome = r["status"] + (f" `{r['error_code']}`" if r["error_code"] else "")
         told = ", ".join(f"`{t}`" for t in r["client_told"]) or "-"
         answer = f"{r['health_answer_s']:.2f}" if r["health_answer_s"] is not None else "none"
-        lines.append(f"| {r['round']} | {r['killed']} | {where} | {r['attempts']} | {outcome} | {told} | {answer} | {r['ready_s']:.1f} | "
+        lines.append(f"| {r['round']} | {r['killed']} | {where} | {r['kills']} | {r['attempts']} | {outcome} | {told} | {answer} | {_f(r['ready_s'])} | "
                      f"{'yes' if not r['visible_result_problems'] else 'NO: ' + '; '.join(r['visible_result_problems'])} |")
     s = report["summary"]
-    lines += ["", f"{s['ok']} of {s['rounds']} rounds passed every check; {s['succeeded']} jobs succeeded after a retry, "
+    lines += ["", f"{s['ok']} of {s['rounds']} rounds passed every check; {s['succeeded']} jobs succeeded "
+              f"({s['succeeded_after_retry']} of them after a retry; the others were published before the kill landed), "
               f"{s['failed_with_code']} failed with a stated code, {s['lost']} lost, {s['visible_partial_results']} partial or "
               f"unverifiable results visible; `/health` answered at most {s['health_answer_max_s']} s after a kill."]
     return "\n".join(lines)

@@ -7,10 +7,13 @@ writing its JSON report under bench/out/, and then renders the page:
     python bench/results.py --reuse      # run only the benchmarks without a report yet
     python bench/results.py --render-only
     python bench/results.py --gpu-only   # only the GPU section, from bench/out/gpu-*.json
+    python bench/results.py --reliability-only   # only the chaos and soak runs (bench/out/chaos.json, soak.json)
 
 The GPU section is rendered from reports made on the GPU machine (bench/gpu.py and
 bench/gpu_kernels.py, run there as the README's "On an NVIDIA GPU" says) and copied to
-bench/out/gpu-a.json, gpu-b.json and gpu-kernels.json; this command never runs them.
+bench/out/gpu-a.json, gpu-b.json and gpu-kernels.json; this command never runs them. The
+reliability section comes from ``python bench/chaos.py`` and ``python bench/soak.py`` (each
+wants an idle machine and 10 to 25 minutes), which this command does not run either.
 
 The full run takes about two hours on 2 CPU cores (mlx-lm's AWQ dominates). Every table on
 the page names the machine, the start time and the exact command of the run it came from;
@@ -431,6 +434,7 @@ def merge_quality(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 GPU_BEGIN, GPU_END = "<!-- gpu section: rendered by bench/results.py -->", "<!-- end of gpu section -->"
+RELIABILITY_BEGIN, RELIABILITY_END = "<!-- reliability section: rendered by bench/results.py -->", "<!-- end of reliability section -->"
 
 
 def gpu_section(gpu: dict[str, Any], gpu_kernels: dict[str, Any] | None) -> list[str]:
@@ -440,17 +444,51 @@ def gpu_section(gpu: dict[str, Any], gpu_kernels: dict[str, Any] | None) -> list
     return [GPU_BEGIN, *render_gpu(gpu, gpu_kernels), GPU_END, ""]
 
 
-def replace_gpu_section(page: str, section: list[str]) -> str:
-    """``page`` with its GPU section replaced (or appended): the CPU sections stay as they are."""
+def reliability_section(chaos: dict[str, Any] | None, soak: dict[str, Any] | None) -> list[str]:
+    """The chaos and soak runs between markers, so ``--reliability-only`` can replace them in place."""
+    sys.path.insert(0, str(HERE))
+    lines = [RELIABILITY_BEGIN, "## Reliability: faults and load (CPU)", ""]
+    if chaos:
+        from chaos import render_markdown as render_chaos
+
+        lines += [
+            f"### Chaos: {chaos['summary']['rounds']} rounds of SIGKILL during quantization jobs",
+            "",
+            _provenance(chaos),
+            "",
+            "Each round submits a job of the built-in SmolLM2 (2 x 32 calibration tokens, n_grid 2) and kills the worker "
+            "(every fourth round the gateway too) at the round's moment; the service restarts what died. Retry policy: a "
+            f"job whose worker died starts again until it has started {chaos['settings']['max_attempts']} times "
+            "(`MM_JOB_MAX_ATTEMPTS`), then fails with the crash's code. Checks per round: `/health` answers within "
+            f"{chaos['settings']['health_deadline_s']:.0f} s of the kill, the job ends succeeded or failed with a code, a "
+            "client following the job's SSE events (resuming with `Last-Event-ID`) is told, and every visible result passes "
+            "the SHA-256 sums recorded before it was published.",
+            "",
+            render_chaos(chaos),
+            "",
+        ]
+    if soak:
+        from soak import render_markdown as render_soak
+
+        lines += [render_soak(soak), ""]
+    if not chaos and not soak:
+        lines += ["Not measured in this rendering (no bench/out/chaos.json or soak.json).", ""]
+    return [*lines, RELIABILITY_END, ""]
+
+
+def replace_section(page: str, section: list[str], begin: str, end: str) -> str:
+    """``page`` with the section between ``begin`` and ``end`` replaced (or appended): the
+    other sections stay as they are."""
     block = "\n".join(section)
-    if GPU_BEGIN in page and GPU_END in page:
-        head, rest = page.split(GPU_BEGIN, 1)
-        return head + block.rstrip("\n") + rest.split(GPU_END, 1)[1]
+    if begin in page and end in page:
+        head, rest = page.split(begin, 1)
+        return head + block.rstrip("\n") + rest.split(end, 1)[1]
     return page.rstrip("\n") + "\n\n" + block
 
 
 def render_page(quality: dict | None, generate: dict | None, serve: dict | None,
-                gpu: dict | None = None, gpu_kernels: dict | None = None) -> str:
+                gpu: dict | None = None, gpu_kernels: dict | None = None,
+                chaos: dict | None = None, soak: dict | None = None) -> str:
     sys.path.insert(0, str(HERE))
     lines = [
         "# metal-marlin results",
@@ -507,6 +545,8 @@ def render_page(quality: dict | None, generate: dict | None, serve: dict | None,
         lines += ["![throughput vs concurrency](img/throughput_vs_concurrency.png)", ""]
     if gpu:
         lines += gpu_section(gpu, gpu_kernels)
+    if chaos or soak:
+        lines += reliability_section(chaos, soak)
     missing = [name for name, r in (("quality", quality), ("generate", generate), ("serve", serve), ("gpu", gpu)) if r is None]
     if missing:
         lines += [f"Not measured in this rendering: {', '.join(missing)} (no report in bench/out/).", ""]
@@ -520,14 +560,24 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="benchmarks to run (comma-separated)")
     parser.add_argument("--gpu-only", action="store_true",
                         help="run nothing; replace only the GPU section of docs/RESULTS.md (from bench/out/gpu-*.json)")
+    parser.add_argument("--reliability-only", action="store_true",
+                        help="run nothing; replace only the reliability section (from bench/out/chaos.json and soak.json)")
     args = parser.parse_args()
+    if args.reliability_only:
+        chaos, soak = load_report("chaos"), load_report("soak")
+        if chaos is None and soak is None:
+            parser.error("no bench/out/chaos.json or soak.json to render")
+        page = (DOCS / "RESULTS.md").read_text()
+        (DOCS / "RESULTS.md").write_text(replace_section(page, reliability_section(chaos, soak), RELIABILITY_BEGIN, RELIABILITY_END))
+        print(f"wrote the reliability section of {DOCS / 'RESULTS.md'}")
+        return
     if args.gpu_only:
         sys.path.insert(0, str(HERE))
         gpu = merge_gpu(load_gpu_reports())
         if gpu is None:
             parser.error("no bench/out/gpu-?.json report to render")
         page = (DOCS / "RESULTS.md").read_text()
-        (DOCS / "RESULTS.md").write_text(replace_gpu_section(page, gpu_section(gpu, load_report(GPU_KERNELS_REPORT))))
+        (DOCS / "RESULTS.md").write_text(replace_section(page, gpu_section(gpu, load_report(GPU_KERNELS_REPORT)), GPU_BEGIN, GPU_END))
         print(f"wrote the GPU section of {DOCS / 'RESULTS.md'}")
         return
     if not args.render_only:
@@ -540,7 +590,8 @@ def main() -> None:
     quality = merge_quality([r for name in BENCHMARKS if name.startswith("quality") and (r := load_report(name))])
     sys.path.insert(0, str(HERE))
     gpu = merge_gpu(load_gpu_reports())
-    page = render_page(quality, load_report("generate"), load_report("serve"), gpu, load_report(GPU_KERNELS_REPORT))
+    page = render_page(quality, load_report("generate"), load_report("serve"), gpu, load_report(GPU_KERNELS_REPORT),
+                       load_report("chaos"), load_report("soak"))
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "RESULTS.md").write_text(page)
     print(f"wrote {DOCS / 'RESULTS.md'}")
