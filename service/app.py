@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
     async def health(request: Request) -> JSONResponse:
         sup = get_state(request).supervisor
         if sup.ready:
-            info = {k: sup.ready_info.get(k) for k in ("pid", "jobs_enabled", "current_job", "loaded_models", "active_requests")}
+            info = {k: sup.ready_info.get(k) for k in ("pid", "jobs_enabled", "current_job", "loaded_models", "active_requests", "generation")}
             device = sup.ready_info.get("device_info") or {}
             info.update({k: device.get(k) for k in WORKER_DEVICE_FIELDS})
             info["restarts"] = sup.restarts

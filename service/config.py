@@ -12,7 +12,8 @@
 ``MM_MAX_INFLIGHT``      concurrent generation requests beyond which requests get 429 (unset:
                          twice the worker's decode batch, so 32 on a CPU worker, 256 on a GPU)
 ``MM_MAX_PROMPTS``       prompts x n per completion request (16)
-``MM_REQUEST_TIMEOUT``   seconds a generation may wait for its next token (300)
+``MM_REQUEST_TIMEOUT``   seconds a generation request may take in all, model load included
+                         (300); then 504 ``request_timeout`` (see below)
 ``MM_WORKER_SOCKET``     Unix socket of the worker (``<data>/run/worker.sock``)
 ``MM_WORKER_URL``        use an already running worker at this URL (``unix:/path`` or
                          ``http://127.0.0.1:port``) instead of starting one
@@ -20,6 +21,15 @@
 ``MM_WORKER_THREADS``    BLAS/OpenMP threads of the worker (CPU count)
 ``MM_WORKER_JOBS``       ``0`` to run a generation-only worker (jobs stay queued)
 =======================  ===================================================================
+
+Generation limits (:mod:`service.openai_api`): past the in-flight limit a request gets 429
+``too_many_requests`` with ``Retry-After: 1`` and never reaches the worker. A request that
+takes longer than ``MM_REQUEST_TIMEOUT`` is cancelled: 504 ``request_timeout``, or, once a
+stream has started, that error as its last SSE event. ``MM_STREAM_IDLE_TIMEOUT`` (60) bounds
+how long a stream may go without a line from the worker once its first token came (a stalled
+worker holds its client no longer than that; waiting for a batch row and prefill count only
+against ``MM_REQUEST_TIMEOUT``): the stream ends with a ``stream_timeout`` error event and the
+generation is cancelled.
 """
 
 from __future__ import annotations
@@ -99,6 +109,8 @@ class Settings:
     max_inflight: int | None = None
     max_prompts: int = 16
     request_timeout_s: float = 300.0
+    #: Seconds a streamed generation may go without a line from the worker after its first token.
+    stream_idle_timeout_s: float = 60.0
     worker_socket: Path | None = None
     worker_url: str | None = None
     worker_memory_mb: int = 4096
@@ -119,6 +131,9 @@ class Settings:
         for name in ("max_body_bytes", "max_upload_bytes", "max_data_bytes", "max_queued_jobs", "job_max_attempts", "max_jobs_per_key", "max_inflight", "max_prompts", "worker_memory_mb"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("request_timeout_s", "stream_idle_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
     def inflight_limit(self, worker_batch: int | None) -> int:
         """Generation requests admitted at once. Unless ``MM_MAX_INFLIGHT`` fixes it: twice the
@@ -164,6 +179,7 @@ class Settings:
             "max_inflight": _env_int("MM_MAX_INFLIGHT", None),
             "max_prompts": _env_int("MM_MAX_PROMPTS", 16),
             "request_timeout_s": _env_float("MM_REQUEST_TIMEOUT", 300.0),
+            "stream_idle_timeout_s": _env_float("MM_STREAM_IDLE_TIMEOUT", 60.0),
             "worker_socket": Path(os.environ["MM_WORKER_SOCKET"]) if os.environ.get("MM_WORKER_SOCKET") else None,
             "worker_url": os.environ.get("MM_WORKER_URL") or None,
             "worker_memory_mb": _env_int("MM_WORKER_MEMORY_MB", 4096),

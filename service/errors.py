@@ -92,12 +92,14 @@ def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         400: "Invalid request",
         401: "Missing or wrong API key",
         404: "Not found",
-        409: "Conflict with the resource's state",
+        409: "Conflict with the resource's state (for a model: its files are gone)",
         413: "Request body too large",
         415: "Unsupported Content-Type",
         422: "Idempotency-Key reused with a different body, or settings the export format cannot hold",
         429: "Too many queued jobs or requests in flight",
+        500: "The server failed (the message names no server paths; the server log has the details)",
         503: "The worker is not ready",
+        504: "The request took longer than MM_REQUEST_TIMEOUT",
         507: "The storage quota for uploads and results (MM_MAX_DATA_BYTES) is used up",
     }
     return {s: {"model": ErrorResponse, "description": descriptions.get(s, "Error")} for s in statuses}

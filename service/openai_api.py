@@ -4,12 +4,27 @@ Streaming responses are Server-Sent Events: ``data: {chunk}\\n\\n`` per chunk, w
 ``stream_options.include_usage`` a last chunk with ``choices: []`` and the usage, then
 ``data: [DONE]``. A failure after the stream started is sent as ``data: {"error": {...}}``
 and the stream ends (no ``[DONE]``). A client that disconnects cancels its generations.
+
+Limits (settings in :mod:`service.config`):
+
+- at most :meth:`Settings.inflight_limit` requests are admitted at once (decoding or waiting
+  for a batch row); past it 429 ``too_many_requests``, ``Retry-After: 1``, and the worker is
+  not contacted;
+- a request that runs past ``MM_REQUEST_TIMEOUT`` gets 504 ``request_timeout`` (a stream: that
+  error as its last event), a stream whose worker sends nothing for ``MM_STREAM_IDLE_TIMEOUT``
+  after its first token ends with a ``stream_timeout`` error event; either way the worker's
+  generations are cancelled
+  (the limits themselves live in :mod:`service.relay`);
+- a model whose files are gone from disk (a served model's path deleted after start, a job
+  result folder removed) is left out of ``/v1/models`` and answers 409 ``model_files_missing``:
+  its id is known (the job still says succeeded), so 404 would misreport it as a typo.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -20,11 +35,12 @@ import anyio
 from fastapi import APIRouter, Depends, Path, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.types import Receive, Scope, Send
 
 from metal_marlin.assets import BUILTIN_MODEL_NAME, builtin_model_path
 from service.auth import require_api_key
 from service.errors import APIError, error_responses, sse_error
-from service.relay import Item, WorkerGenerations
+from service.relay import GenerationTimeout, Item, WorkerGenerations
 from service.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
@@ -36,6 +52,9 @@ from service.schemas import (
 )
 from service.state import ServiceState, get_state
 from jobstore import Job, is_job_id
+from jobstore.layout import result_dir
+
+log = logging.getLogger("metal_marlin.service.openai")
 
 router = APIRouter(prefix="/v1", tags=["openai"], dependencies=[Depends(require_api_key)])
 
@@ -68,24 +87,38 @@ def _job_card(job: Job) -> ModelCard:
     return ModelCard(id=job.id, created=int(job.finished_at or job.created_at), owned_by=OWNER)
 
 
+def _job_files_present(state: ServiceState, job: Job) -> bool:
+    """Whether a succeeded job's result is still on disk (what the worker loads, and the
+    result download's default file)."""
+    return (result_dir(state.settings.data_dir, job.id) / "model.safetensors").is_file()
+
+
 def _known_models(state: ServiceState) -> list[ModelCard]:
-    """The built-in model, the operator's served models (``--model``), then succeeded jobs."""
+    """The built-in model, the operator's served models (``--model``), then succeeded jobs;
+    models whose files are gone are left out (they cannot be used)."""
     cards = [_builtin_card()]
-    cards += [_served_card(name, path) for name, path in state.settings.served_models.items()]
-    cards += [_job_card(job) for job in state.store.succeeded_jobs()]
+    cards += [_served_card(name, path) for name, path in state.settings.served_models.items() if path.exists()]
+    cards += [_job_card(job) for job in state.store.succeeded_jobs() if _job_files_present(state, job)]
     return cards
 
 
 def _model_card(state: ServiceState, model_id: str) -> ModelCard:
-    """The card of a model requests may name; 404 (param ``model``) for any other id."""
+    """The card of a model requests may name; 404 (param ``model``) for any other id, 409
+    ``model_files_missing`` for a known one whose files were removed from disk."""
     if model_id == BUILTIN_MODEL_NAME:
         return _builtin_card()
-    if model_id in state.settings.served_models:
-        return _served_card(model_id, state.settings.served_models[model_id])
-    job = state.store.get(model_id) if is_job_id(model_id) else None
-    if job is None or job.status != "succeeded":
-        raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
-    return _job_card(job)
+    served = state.settings.served_models.get(model_id)
+    if served is not None:
+        card, present, where = _served_card(model_id, served), served.exists(), served
+    else:
+        job = state.store.get(model_id) if is_job_id(model_id) else None
+        if job is None or job.status != "succeeded":
+            raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
+        card, present, where = _job_card(job), _job_files_present(state, job), result_dir(state.settings.data_dir, job.id)
+    if not present:  # the path is for the operator's log, never for the client
+        log.warning("model %s cannot be used: its files are gone from %s", model_id, where)
+        raise APIError(409, f"the files of model {model_id!r} are no longer on the server; it cannot be used", param="model", code="model_files_missing")
+    return card
 
 
 @router.get("/models", response_model=ModelList, summary="List models", responses=error_responses(401))
@@ -93,7 +126,7 @@ def list_models(request: Request) -> ModelList:
     return ModelList(data=_known_models(get_state(request)))
 
 
-@router.get("/models/{model_id}", response_model=ModelCard, summary="Get a model", responses=error_responses(401, 404))
+@router.get("/models/{model_id}", response_model=ModelCard, summary="Get a model", responses=error_responses(401, 404, 409))
 def get_model(request: Request, model_id: str = Path(max_length=256)) -> ModelCard:
     return _model_card(get_state(request), model_id)
 
@@ -132,6 +165,10 @@ def _sampling(body: SamplingFields, *, max_tokens: int | None, logprobs: int | N
 
 
 def _admit(state: ServiceState, endpoint: str) -> None:
+    """Refuse a request the worker cannot take now (503) or that is over the in-flight limit
+    (429). The count it checks is raised by :meth:`GenerationRun.open` with no ``await`` in
+    between, so concurrent requests cannot all pass the check at once, and lowered only when
+    the run is closed: it covers requests decoding and those waiting for a batch row."""
     if not state.supervisor.ready:
         state.metrics.generations.inc(endpoint=endpoint, outcome="unavailable")
         raise APIError(503, "the worker is not ready yet; retry shortly", code="worker_unavailable", headers={"Retry-After": "5"})
@@ -157,11 +194,13 @@ class ChoiceState:
 class GenerationRun:
     """One client request's generations: admission, metrics, usage accounting."""
 
-    def __init__(self, state: ServiceState, endpoint: str, model: str, payloads: list[dict[str, Any]], n: int) -> None:
+    def __init__(self, state: ServiceState, endpoint: str, model: str, payloads: list[dict[str, Any]], n: int, *, stream: bool) -> None:
         self.state = state
         self.endpoint = endpoint
         self.model = model
-        self.relay = WorkerGenerations(state.supervisor.client, payloads)
+        settings = state.settings
+        idle = settings.stream_idle_timeout_s if stream else None  # a JSON answer has no stream to keep alive
+        self.relay = WorkerGenerations(state.supervisor.client, payloads, timeout_s=settings.request_timeout_s, idle_timeout_s=idle)
         self.choices = [ChoiceState(i, i // n) for i in range(len(payloads))]
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -173,8 +212,8 @@ class GenerationRun:
         self.state.metrics.inflight.set(self.state.inflight)
         try:
             await self.relay.open()
-        except BaseException:
-            self._finish("error")
+        except BaseException as exc:
+            self._finish("timeout" if isinstance(exc, GenerationTimeout) else "error")
             raise
 
     def account(self, item: Item) -> None:
@@ -241,9 +280,9 @@ class GenerationRun:
                 if not done and await request.is_disconnected():
                     raise APIError(499, "client disconnected", code="client_closed_request")
             task.result()
-        except BaseException:
+        except BaseException as exc:
             task.cancel()
-            await self.close("cancelled" if self.error is None else "error")
+            await self.close("timeout" if isinstance(exc, GenerationTimeout) else ("error" if self.error is not None else "cancelled"))
             raise
         outcome = "error" if self.error is not None else "ok"
         await self.close(outcome)
@@ -252,7 +291,7 @@ class GenerationRun:
             status = 503 if err.get("code") in ("worker_unavailable", "cancelled") else 500
             raise APIError(status, err.get("message", "generation failed"), type=err.get("type"), code=err.get("code"))
 
-    def sse(self, make_chunks: Callable[[Item, ChoiceState], list[dict[str, Any]]], include_usage: bool, usage_chunk: Callable[[dict[str, int]], dict[str, Any]], prelude: list[dict[str, Any]]) -> AsyncIterator[bytes]:
+    def sse(self, make_chunks: Callable[[Item, ChoiceState], list[dict[str, Any]]], include_usage: bool, usage_chunk: Callable[[dict[str, int]], dict[str, Any]], prelude: list[dict[str, Any]]) -> StreamingResponse:
         async def stream() -> AsyncIterator[bytes]:
             outcome = "cancelled"
             try:
@@ -271,10 +310,33 @@ class GenerationRun:
                     yield _sse(usage_chunk(self.usage()))
                 yield b"data: [DONE]\n\n"
                 outcome = "ok"
+            except GenerationTimeout as exc:
+                outcome = "timeout"
+                yield sse_error(exc.message, exc.type, exc.code)
             finally:
                 await self.close(outcome)
 
-        return stream()
+        return RunStreamingResponse(self, stream())
+
+
+class RunStreamingResponse(StreamingResponse):
+    """The SSE response of a :class:`GenerationRun`, which it closes however the response ends.
+
+    The body's own ``finally`` is not enough: when the client has left before the response
+    starts, Starlette cancels the sender before it first pulls from the body, so that
+    ``finally`` never runs, and the run would keep its admission slot while the worker
+    generates for nobody. Closing twice is harmless (the first outcome is the one counted).
+    """
+
+    def __init__(self, run: GenerationRun, body: AsyncIterator[bytes]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers=SSE_HEADERS)
+        self.run = run
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.run.close("cancelled")
 
 
 def _sse(chunk: dict[str, Any]) -> bytes:
@@ -315,7 +377,7 @@ def _token_dict(line: Any) -> dict[str, Any]:
     "/completions",
     response_model=Completion,
     summary="Create a completion",
-    responses={200: {"content": STREAM_RESPONSE, "description": "JSON, or SSE chunks when stream is true"}, **error_responses(400, 401, 404, 413, 429, 503)},
+    responses={200: {"content": STREAM_RESPONSE, "description": "JSON, or SSE chunks when stream is true"}, **error_responses(400, 401, 404, 409, 413, 429, 500, 503, 504)},
 )
 async def create_completion(body: CompletionRequest, request: Request) -> Any:
     state = get_state(request)
@@ -342,7 +404,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
                 "params": _sampling(body, max_tokens=body.max_tokens, logprobs=body.logprobs, seed_offset=j),
                 "want_prompt_text": bool(body.echo),
             })
-    run = GenerationRun(state, "completions", body.model, payloads, n)
+    run = GenerationRun(state, "completions", body.model, payloads, n, stream=bool(body.stream))
     await run.open()
     cid = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -380,7 +442,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Any:
         def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
             return {"id": cid, "object": "text_completion", "created": created, "model": body.model, "choices": [], "usage": usage}
 
-        return StreamingResponse(run.sse(make_chunks, include_usage, usage_chunk, []), media_type="text/event-stream", headers=SSE_HEADERS)
+        return run.sse(make_chunks, include_usage, usage_chunk, [])
 
     await run.collect(request)
     choices = []
@@ -410,7 +472,7 @@ def _chat_logprob(line_token: dict[str, Any]) -> dict[str, Any]:
     "/chat/completions",
     response_model=ChatCompletion,
     summary="Create a chat completion",
-    responses={200: {"content": STREAM_RESPONSE, "description": "JSON, or SSE chunks when stream is true"}, **error_responses(400, 401, 404, 413, 429, 503)},
+    responses={200: {"content": STREAM_RESPONSE, "description": "JSON, or SSE chunks when stream is true"}, **error_responses(400, 401, 404, 409, 413, 429, 500, 503, 504)},
 )
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Any:
     state = get_state(request)
@@ -428,7 +490,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         {"model": body.model, "messages": messages, "params": _sampling(body, max_tokens=max_tokens, logprobs=logprobs, seed_offset=j)}
         for j in range(n)
     ]
-    run = GenerationRun(state, "chat.completions", body.model, payloads, n)
+    run = GenerationRun(state, "chat.completions", body.model, payloads, n, stream=bool(body.stream))
     await run.open()
     cid = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
@@ -457,7 +519,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
         def usage_chunk(usage: dict[str, int]) -> dict[str, Any]:
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": body.model, "system_fingerprint": None, "choices": [], "usage": usage}
 
-        return StreamingResponse(run.sse(make_chunks, include_usage, usage_chunk, prelude), media_type="text/event-stream", headers=SSE_HEADERS)
+        return run.sse(make_chunks, include_usage, usage_chunk, prelude)
 
     await run.collect(request)
     choices = []

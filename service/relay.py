@@ -4,9 +4,20 @@ One client request may need several worker generations (a list of prompts, ``n``
 is a ``POST /generate`` stream on the worker. :class:`WorkerGenerations` opens them all
 before the client gets a status line, so anything the worker refuses up front (unknown
 model, bad parameter, prompt too long) becomes a proper HTTP error. After that, lines are
-merged in arrival order. A broken stream (worker crash, timeout) yields an ``error`` line,
-never a hang. Closing the relay (client gone) closes every worker stream, and the worker
-cancels those generations.
+merged in arrival order. A broken stream (worker crash) yields an ``error`` line, never a
+hang. Closing the relay (client gone) closes every worker stream, and the worker cancels
+those generations.
+
+Time limits live here, for streamed and non-streamed requests alike: the whole request
+(opening included) must end within ``timeout_s`` (``MM_REQUEST_TIMEOUT``), and with
+``idle_timeout_s`` (``MM_STREAM_IDLE_TIMEOUT``, given for streams) the worker streams may not
+go that long without a line once the first token came. Before it only the deadline counts:
+the worker sends nothing while a request waits for a batch row or its prompt is prefilled,
+which on a loaded CPU worker can take longer than a healthy gap between tokens. Past either
+limit, :meth:`WorkerGenerations.open` or
+:meth:`WorkerGenerations.lines` raises :class:`GenerationTimeout` (504, code
+``request_timeout`` or ``stream_timeout``); the caller then closes the relay, which cancels
+the worker's generations.
 """
 
 from __future__ import annotations
@@ -14,7 +25,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,6 +44,10 @@ WORKER_GONE = {
 }
 
 
+class GenerationTimeout(APIError):
+    """A request ran past its time limit (504); its generations are to be cancelled."""
+
+
 @dataclass
 class Item:
     index: int
@@ -44,16 +60,21 @@ def _worker_error(status: int, body: bytes) -> APIError:
         message, type_, param, code = err["message"], err.get("type"), err.get("param"), err.get("code")
     except (ValueError, KeyError, TypeError):
         message, type_, param, code = f"the worker answered {status}", None, None, None
-    if status in (400, 404, 503):
+    if status in (400, 404, 409, 503):
         return APIError(status, message, type=type_, param=param, code=code, headers={"Retry-After": "5"} if status == 503 else None)
     log.error("worker error %d: %s", status, message)
     return APIError(500, message if status == 500 else "internal error talking to the worker", code=code or "worker_error")
 
 
 class WorkerGenerations:
-    def __init__(self, client: httpx.AsyncClient, payloads: list[dict[str, Any]]) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, payloads: list[dict[str, Any]], *, timeout_s: float, idle_timeout_s: float | None = None
+    ) -> None:
         self.client = client
         self.payloads = payloads
+        self.timeout_s = timeout_s
+        self.idle_timeout_s = idle_timeout_s
+        self._deadline = time.monotonic() + timeout_s
         self._responses: list[httpx.Response | None] = [None] * len(payloads)
         self._tasks: list[asyncio.Task[None]] = []
         self._queue: asyncio.Queue[Item | int] = asyncio.Queue()
@@ -71,9 +92,28 @@ class WorkerGenerations:
             raise _worker_error(response.status_code, body)
         self._responses[i] = response
 
+    async def _within_limits(self, awaitable: Awaitable[Any], *, idle_limited: bool) -> Any:
+        """``await awaitable``, or raise :class:`GenerationTimeout` when the nearer limit passes
+        first: the request's deadline, or (``idle_limited``) the idle timeout from this call."""
+        left = self._deadline - time.monotonic()
+        idle = idle_limited and self.idle_timeout_s is not None and self.idle_timeout_s < left
+        try:
+            return await asyncio.wait_for(awaitable, self.idle_timeout_s if idle else max(left, 0.0))
+        except asyncio.TimeoutError:
+            if idle:
+                message = f"the worker sent nothing for {self.idle_timeout_s:g} s (the server's stream idle timeout); the generation was cancelled"
+                raise GenerationTimeout(504, message, code="stream_timeout") from None
+            message = f"the request took longer than {self.timeout_s:g} s (the server's request timeout); the generation was cancelled"
+            raise GenerationTimeout(504, message, code="request_timeout") from None
+
     async def open(self) -> None:
         """Start every generation; raise the first refusal as an :class:`APIError`."""
-        results = await asyncio.gather(*(self._open_one(i) for i in range(len(self.payloads))), return_exceptions=True)
+        try:
+            opening = asyncio.gather(*(self._open_one(i) for i in range(len(self.payloads))), return_exceptions=True)
+            results = await self._within_limits(opening, idle_limited=False)
+        except BaseException:  # timed out or cancelled: close what did open
+            await self.aclose()
+            raise
         errors = [r for r in results if isinstance(r, BaseException)]
         if errors:
             await self.aclose()
@@ -104,11 +144,13 @@ class WorkerGenerations:
     async def lines(self) -> AsyncIterator[Item]:
         """Merged lines of all generations until each has ended (``done`` or ``error``)."""
         remaining = len(self._tasks)
+        producing = False  # the idle limit starts with the first token (see the module docstring)
         while remaining:
-            item = await self._queue.get()
+            item = await self._within_limits(self._queue.get(), idle_limited=producing)
             if isinstance(item, int):
                 remaining -= 1
                 continue
+            producing = producing or item.line.event == "token"
             yield item
 
     async def aclose(self) -> None:

@@ -452,4 +452,15 @@ class ChatCompletion(BaseModel):
 # ---------------------------------------------------------------------------------------
 class Health(BaseModel):
     status: Literal["ok", "starting", "unavailable"]
-    worker: dict[str, Any] | None = None
+    worker: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "When ready: `pid`, `jobs_enabled`, `current_job`, `loaded_models`, `active_requests`, "
+            "`device`, `backend`, `device_name`, `restarts`, and `generation`: the loaded models' scheduler "
+            "counters added up (as of the last readiness probe, every 2 s): `steps`, `decode_steps`, "
+            "`decode_tokens`, `decode_time` (s), `prefill_tokens`, `prefill_time` (s), `finished`, "
+            "`cancelled`, `errors`, `cancel_lag_steps_hist` (for each cancelled request, the decode steps "
+            "run between its cancellation and the release of its slot, in buckets `0`, `1`, `2`, `>2`) and "
+            "`cancel_lag_steps_max`. Otherwise: `restarts` and `last_exit`."
+        ),
+    )

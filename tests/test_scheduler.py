@@ -13,7 +13,7 @@ import pytest
 
 from metal_marlin.generate import SamplingParams
 from metal_marlin.generate.engine import Engine, GenerationResult
-from metal_marlin.generate.scheduler import BatchScheduler, SchedulerClosed, _DecodeBatch
+from metal_marlin.generate.scheduler import BatchScheduler, SchedulerClosed, _DecodeBatch, merge_stats
 from metal_marlin.models import KVCache
 from test_engine import builtin_tokenizer, quantized_copy
 
@@ -165,6 +165,42 @@ def test_cancel_mid_generation_frees_the_slot(engine):
             time.sleep(0.01)
         assert sched.num_active == 0 and sched.num_waiting == 0
         assert sched.stats["cancelled"] == 4
+
+
+def test_cancel_takes_effect_within_one_decode_step(engine, monkeypatch):
+    """The lag kept in stats: 0 steps for a cancel between steps, 1 for a cancel that lands
+    while a decode step runs; either way the row's slot goes to the next request."""
+    long = SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)
+    sched = BatchScheduler(engine, max_batch_size=2, start=False)
+    between, during = sched.submit(FRANCE, long), sched.submit("Count: 1, 2, 3,", long)
+    queued = sched.submit("Hi", SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True))
+    sched.step()
+    sched.step()
+    assert sched.num_active == 2 and sched.num_waiting == 1
+    between.cancel()
+    sched.step()  # retired before this step's decode; the queued request takes its slot
+    assert between.finish_reason == "cancelled" and sched.num_active == 2 and sched.num_waiting == 0
+    real = engine.forward_last
+
+    def cancelling(*args, **kwargs):
+        during.cancel()  # inside the step's forward, before the step is counted
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "forward_last", cancelling)
+    sched.step()
+    monkeypatch.undo()
+    assert not during.finished  # the step that was running completes...
+    sched.step()  # ...and the next one retires the row
+    assert during.finish_reason == "cancelled" and during not in [r.handle for r in sched._batch.rows]
+    assert sched.num_active == 1
+    sched.run_until_idle()
+    assert queued.result(timeout=0).finish_reason == "length"
+    s = sched.stats
+    assert s["cancelled"] == 2 and s["cancel_lag_steps_max"] <= 1
+    assert s["cancel_lag_steps_hist"] == {"0": 1, "1": 1, "2": 0, ">2": 0}
+    both = merge_stats([s, s])  # what the worker reports for two loaded models
+    assert both["cancel_lag_steps_hist"]["1"] == 2 and both["cancel_lag_steps_max"] == 1
+    assert both["decode_steps"] == 2 * s["decode_steps"] and s["cancel_lag_steps_hist"]["1"] == 1
 
 
 def test_shutdown_cancels_or_drains_and_then_refuses(engine):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from worker.generation import MIB, LoadedModel, ModelNotFound, ModelRegistry, ModelUnavailable
+from worker.generation import MIB, LoadedModel, ModelFilesMissing, ModelLoadFailed, ModelNotFound, ModelRegistry, ModelUnavailable
 from jobstore import open_store
 
 
@@ -96,8 +96,8 @@ def test_resolve_only_succeeded_jobs(tmp_path: Path) -> None:
         reg.resolve(job.id)  # queued
     store.claim("w")
     store.finish(job.id, "w", "succeeded", message="ok")
-    with pytest.raises(ModelNotFound):
-        reg.resolve(job.id)  # no files
+    with pytest.raises(ModelFilesMissing, match="no longer on the server"):
+        reg.resolve(job.id)  # a known model without its files: not a mere unknown id
     folder = tmp_path / "jobs" / job.id
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(b"x")
@@ -135,3 +135,37 @@ def test_served_models_resolve_by_name_and_are_sized_by_kind(tmp_path: Path) -> 
     assert reg.estimate_bytes("float", served["float"]) == 2000  # float16 -> float32, no int4 copies
     assert reg.estimate_bytes("native", served["native"]) == reg.estimate_bytes("awq", served["awq"]) == quantized
     assert reg.estimate_bytes("gguf", served["gguf"]) == 700  # dequantized to float32
+
+
+def test_load_failures_name_the_model_by_id_and_log_its_path(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Loaders put file names in their exceptions; what the registry raises (and clients read)
+    holds the id only, and the path goes to the log."""
+    import json
+    import shutil
+
+    def folder(name: str, weights: bytes | None) -> Path:
+        path = tmp_path / "models" / name
+        path.mkdir(parents=True)
+        config = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4,
+                  "num_key_value_heads": 4, "num_hidden_layers": 1, "vocab_size": 100, "rms_norm_eps": 1e-5, "head_dim": 16}
+        (path / "config.json").write_text(json.dumps(config))
+        if weights is not None:
+            (path / "model.safetensors").write_bytes(weights)
+        return path
+
+    served = {"corrupt": folder("corrupt", b"not safetensors"), "no-weights": folder("no-weights", None), "deleted": folder("deleted", b"x")}
+    shutil.rmtree(served["deleted"])  # after the worker started with it
+    reg = ModelRegistry(tmp_path / "data", open_store(tmp_path / "data"), 1 << 30, served=served)
+    expected = {"corrupt": ModelLoadFailed, "no-weights": ModelFilesMissing, "deleted": ModelFilesMissing}
+
+    async def scenario() -> None:
+        for name, error in expected.items():
+            with pytest.raises(error) as info:
+                await reg.acquire(name)
+            assert f"{name!r}" in str(info.value) and "/" not in str(info.value), info.value
+
+    with caplog.at_level("WARNING", logger="metal_marlin.worker.models"):
+        asyncio.run(scenario())
+    assert reg.loaded() == [] and reg.used_bytes == 0
+    for path in served.values():
+        assert str(path) in caplog.text

@@ -3,7 +3,8 @@
 Routes (all internal; the service is the only client):
 
 - ``GET /ready``: 200 once the job runner and model registry are up (see :class:`ReadyResponse`),
-  with the compute device (:func:`metal_marlin.device.device_info`);
+  with the compute device (:func:`metal_marlin.device.device_info`) and the loaded models'
+  scheduler counters (``generation``: throughput, cancellations and how fast they act);
 - ``POST /generate``: stream one generation as NDJSON (see :mod:`worker.protocol`);
 - ``POST /jobs/wake``: a job was queued, look now instead of at the next poll;
 - ``GET /models``: loaded models and the memory budget;
@@ -28,7 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from worker.generation import LoadedModel, ModelNotFound, ModelRegistry, ModelUnavailable
+from worker.generation import LoadedModel, ModelFilesMissing, ModelLoadFailed, ModelNotFound, ModelRegistry, ModelUnavailable
 from jobstore import JobStore
 from worker.protocol import (
     NDJSON,
@@ -95,6 +96,7 @@ class WorkerTokenCheck:
 def create_worker_app(state: WorkerState) -> FastAPI:
     from metal_marlin.assets import BUILTIN_MODEL_NAME
     from metal_marlin.device import on_gpu as device_is_gpu
+    from metal_marlin.generate.scheduler import merge_stats
 
     if state.device_info is None:
         from metal_marlin.device import device_info
@@ -145,6 +147,7 @@ def create_worker_app(state: WorkerState) -> FastAPI:
             active_requests=sum(m.active for m in state.registry.loaded()),
             device_info=state.device_info,
             max_batch_size=state.registry.max_batch_size,
+            generation=merge_stats(m.scheduler.stats for m in state.registry.loaded()),
         )
 
     @app.post("/jobs/wake", status_code=204)
@@ -172,15 +175,16 @@ def create_worker_app(state: WorkerState) -> FastAPI:
         if (req.prompt is None) == (req.messages is None):
             return _error(400, "give exactly one of prompt and messages", code="invalid_value")
         reg = state.registry
-        try:
+        try:  # the registry's messages name the model by id only (it logs paths and causes)
             entry = await reg.acquire(req.model)
+        except ModelFilesMissing as exc:
+            return _error(409, str(exc), type="conflict_error", code="model_files_missing", param="model")
         except ModelNotFound as exc:
             return _error(404, str(exc), type="not_found_error", code="model_not_found", param="model")
         except ModelUnavailable as exc:
             return _error(503, str(exc), type="service_unavailable_error", code="insufficient_memory")
-        except (FileNotFoundError, ValueError) as exc:
-            log.exception("could not load model %s", req.model)
-            return _error(500, f"could not load model {req.model!r}: {exc}", type="server_error", code="model_load_failed")
+        except ModelLoadFailed as exc:
+            return _error(500, str(exc), type="server_error", code="model_load_failed")
         try:
             handle, prompt_ids = await asyncio.to_thread(_submit, entry, req)
         except (ValueError, TypeError) as exc:
@@ -189,10 +193,10 @@ def create_worker_app(state: WorkerState) -> FastAPI:
             code = "context_length_exceeded" if "context length" in message else "invalid_value"
             param = "messages" if req.messages is not None and code == "invalid_value" and _param_of(message) is None else _param_of(message)
             return _error(400, message, code=code, param=param)
-        except Exception as exc:  # noqa: BLE001
+        except Exception:  # noqa: BLE001 - its text may name server files: logged, not sent
             reg.release(entry)
             log.exception("submit failed")
-            return _error(500, f"generation could not start: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
+            return _error(500, "generation could not start (an internal error; the server log has the details)", type="server_error", code="internal_error")
         prompt_text = None
         if req.want_prompt_text:
             prompt_text = req.prompt if isinstance(req.prompt, str) else entry.engine.tokenizer.decode(prompt_ids)
@@ -243,8 +247,9 @@ async def _stream(entry: LoadedModel, handle: Any, prompt_ids: list[int], prompt
                     "completion_tokens": ev.completion_tokens,
                     "total_tokens": (ev.prompt_tokens or len(prompt_ids)) + ev.completion_tokens,
                 }
-                if ev.finish_reason == "error":
-                    yield _line(event="error", error={"message": f"generation failed: {ev.error}", "type": "server_error", "code": "generation_failed"})
+                if ev.finish_reason == "error":  # ev.error is an exception's text: logged, not sent
+                    log.error("generation on model %s failed: %s", entry.id, ev.error)
+                    yield _line(event="error", error={"message": "generation failed (an internal error; the server log has the details)", "type": "server_error", "code": "generation_failed"})
                 elif ev.finish_reason == "cancelled":
                     yield _line(event="error", error={"message": "generation was cancelled (the worker is shutting down)", "type": "service_unavailable_error", "code": "cancelled"})
                 else:

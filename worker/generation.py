@@ -10,6 +10,10 @@ Memory: a model's size is estimated from its files before loading (so room can b
 first) and measured from its parameters after. Loading a model evicts idle models, least
 recently used first, until the budget holds; models with requests in flight are never
 evicted. A model that cannot fit is refused (503), never loaded over the budget.
+
+Errors reach clients, so they name a model by its id, never its path: a known model whose
+files are gone raises :class:`ModelFilesMissing` (409), one whose files do not load
+:class:`ModelLoadFailed` (500); the path and the cause go to the log.
 """
 
 from __future__ import annotations
@@ -39,6 +43,23 @@ WARMUP_BATCH_SIZES = (1, 2, 3, 4, 8, 16, 32, 64, 128)
 
 class ModelNotFound(Exception):
     pass
+
+
+class ModelFilesMissing(ModelNotFound):
+    """A known model (served, or a succeeded job) whose files are gone from disk (maps to 409).
+
+    Like every registry error, its message names the model by id only: it goes to the client,
+    and the path is logged instead."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"the files of model {model_id!r} are no longer on the server; it cannot be used")
+
+
+class ModelLoadFailed(Exception):
+    """The model's files are there but do not load (corrupt, unsupported); maps to 500."""
+
+    def __init__(self, model_id: str) -> None:
+        super().__init__(f"could not load model {model_id!r}: its files are not a model this server can load (the server log has the details)")
 
 
 class ModelUnavailable(Exception):
@@ -105,17 +126,25 @@ class ModelRegistry:
 
     # -- lookup ---------------------------------------------------------------------------
     def resolve(self, model_id: str) -> Path | None:
-        """Path to load for ``model_id`` (None: the built-in model); ModelNotFound otherwise."""
+        """Path to load for ``model_id`` (None: the built-in model); ModelNotFound for an
+        unknown id, ModelFilesMissing for a known one whose files were removed."""
         if model_id == BUILTIN_MODEL_NAME:
             return None
+        path, present = None, False
         if model_id in self.served:
-            return self.served[model_id]
-        if is_job_id(model_id):
+            path = self.served[model_id]
+            present = path.exists()
+        elif is_job_id(model_id):
             job = self.store.get(model_id)
-            folder = result_dir(self.data_dir, model_id)
-            if job is not None and job.status == "succeeded" and (folder / "model.safetensors").is_file():
-                return folder
-        raise ModelNotFound(f"the model {model_id!r} does not exist")
+            if job is not None and job.status == "succeeded":
+                path = result_dir(self.data_dir, model_id)
+                present = (path / "model.safetensors").is_file()
+        if path is None:
+            raise ModelNotFound(f"the model {model_id!r} does not exist")
+        if not present:
+            log.warning("model %s cannot be used: its files are gone from %s", model_id, path)
+            raise ModelFilesMissing(model_id)
+        return path
 
     def estimate_bytes(self, model_id: str, path: Path | None) -> int:
         if model_id in self._measured:
@@ -208,10 +237,23 @@ class ModelRegistry:
             )
 
     async def _load(self, model_id: str, path: Path | None) -> LoadedModel:
-        self._make_room(self.estimate_bytes(model_id, path))
-        log.info("loading model %s from %s", model_id, path or "the built-in GGUF")
-        started = time.monotonic()
-        entry = await asyncio.to_thread(self._load_sync, model_id, path)
+        """Load under the budget. A failure becomes ModelFilesMissing or ModelLoadFailed, whose
+        messages hold no path or exception text (loaders name files in theirs); the cause is
+        logged here with the path."""
+        where = path or "the built-in GGUF"
+        try:
+            self._make_room(self.estimate_bytes(model_id, path))
+            log.info("loading model %s from %s", model_id, where)
+            started = time.monotonic()
+            entry = await asyncio.to_thread(self._load_sync, model_id, path)
+        except ModelUnavailable:
+            raise
+        except FileNotFoundError as exc:
+            log.warning("model %s: files missing under %s: %s", model_id, where, exc)
+            raise ModelFilesMissing(model_id) from exc
+        except Exception as exc:
+            log.exception("could not load model %s from %s", model_id, where)
+            raise ModelLoadFailed(model_id) from exc
         self._measured[model_id] = entry.nbytes
         self._models[model_id] = entry
         log.info("loaded model %s: %.0f MiB in %.1f s", model_id, entry.nbytes / MIB, time.monotonic() - started)

@@ -99,6 +99,13 @@ class ReadyResponse(BaseModel):
     #: Sequences one decode step batches (``MM_MAX_BATCH_SIZE``; 128 on a GPU, 16 on a CPU):
     #: the gateway admits twice this many generation requests unless told otherwise.
     max_batch_size: int | None = None
+    #: The loaded models' scheduler counters added up
+    #: (:func:`metal_marlin.generate.scheduler.merge_stats`; an unloaded model's go with it):
+    #: ``steps``, ``decode_steps``, ``decode_tokens``, ``decode_time`` (s), ``prefill_tokens``,
+    #: ``prefill_time`` (s), ``finished``, ``cancelled``, ``errors``, and how fast cancellation
+    #: works: ``cancel_lag_steps_hist`` (decode steps between a request's cancellation and its
+    #: retirement, buckets ``"0"``, ``"1"``, ``"2"``, ``">2"``) and ``cancel_lag_steps_max``.
+    generation: dict[str, Any] | None = None
 
 
 class LoadedModelInfo(BaseModel):

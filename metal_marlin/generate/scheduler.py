@@ -5,7 +5,10 @@ iteration of its loop (:meth:`BatchScheduler.step`):
 
 1. takes newly submitted requests into the waiting queue;
 2. retires cancelled requests (waiting, prefilling or decoding): their final event has
-   ``finish_reason="cancelled"`` and a decoding row's slot is freed in this same step;
+   ``finish_reason="cancelled"`` and a decoding row's slot is freed in this same step. How
+   many decode steps ran between ``cancel()`` and that retirement is kept in ``stats``
+   (``cancel_lag_steps_max``, ``cancel_lag_steps_hist``; 0 or 1 by construction: a cancel
+   that lands during a decode step waits for that step only);
 3. admits waiting requests while fewer than ``max_batch_size`` are in flight, and prefills
    them one piece at a time, each request alone (``Engine.prefill_piece``), up to a budget
    of about ``prefill_chunk`` prompt tokens per step so that long prompts do not stall the
@@ -64,7 +67,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import mlx.core as mx
@@ -78,9 +81,45 @@ from metal_marlin.generate.engine import (
 )
 from metal_marlin.generate.sampling import SamplingParams
 
-__all__ = ["BatchKVCache", "BatchScheduler", "RequestHandle", "SchedulerClosed"]
+__all__ = ["BatchKVCache", "BatchScheduler", "RequestHandle", "SchedulerClosed", "merge_stats"]
 
 _ids = itertools.count(1)
+
+#: Buckets of ``stats["cancel_lag_steps_hist"]``: decode steps between ``cancel()`` and the
+#: retirement of the request (string keys, so the histogram is JSON as it is).
+CANCEL_LAG_BUCKETS = ("0", "1", "2", ">2")
+#: Keys of ``BatchScheduler.stats`` that are maxima, not sums (see :func:`merge_stats`).
+_MAX_STATS = frozenset({"cancel_lag_steps_max"})
+
+
+def _new_stats() -> dict[str, Any]:
+    """Fresh counters of a :class:`BatchScheduler` (seconds and tokens; see its ``stats``)."""
+    return {
+        "steps": 0, "decode_steps": 0, "decode_tokens": 0, "decode_time": 0.0,
+        "prefill_tokens": 0, "prefill_time": 0.0, "finished": 0, "cancelled": 0, "errors": 0,
+        "cancel_lag_steps_max": 0, "cancel_lag_steps_hist": dict.fromkeys(CANCEL_LAG_BUCKETS, 0),
+    }
+
+
+def merge_stats(stats: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
+    """Add up several schedulers' ``stats`` (one per loaded model) into one plain dict.
+
+    Counters and times add, ``cancel_lag_steps_max`` is the largest, the histogram adds per
+    bucket. Always returns fresh dicts (never the schedulers' own, which their threads keep
+    updating), with every key present even for no scheduler.
+    """
+    total = _new_stats()
+    for one in stats:
+        for key, value in list(one.items()):
+            if isinstance(value, Mapping):
+                bucket = total.setdefault(key, {})
+                for k, v in list(value.items()):
+                    bucket[k] = bucket.get(k, 0) + v
+            elif key in _MAX_STATS:
+                total[key] = max(total.get(key, 0), value)
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
 
 
 class SchedulerClosed(RuntimeError):
@@ -224,12 +263,20 @@ class RequestHandle:
     :meth:`result` works after iterating, and late subscribers miss nothing.
     """
 
-    def __init__(self, request_id: str, prompt_tokens: int, seed: int, wake: threading.Condition) -> None:
+    def __init__(
+        self, request_id: str, prompt_tokens: int, seed: int, wake: threading.Condition,
+        decode_steps: Callable[[], int] = lambda: 0,
+    ) -> None:
         self.id = request_id
         self.prompt_tokens = prompt_tokens
         #: The sampler seed (random when the request gave none).
         self.seed = seed
         self._wake = wake
+        #: The scheduler's decode-step counter, read when cancellation is asked.
+        self._decode_steps = decode_steps
+        #: That counter's value at the first cancellation request (None: never asked), so
+        #: the scheduler can tell how many decode steps the request outlived it by.
+        self.cancel_step: int | None = None
         self._cond = threading.Condition()
         self._events: list[StreamEvent] = []
         self._sinks: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
@@ -247,7 +294,14 @@ class RequestHandle:
                 try:
                     loop.call_soon_threadsafe(queue.put_nowait, event)
                 except RuntimeError:  # the consumer's loop is closed; nobody is listening
-                    self._cancel = True
+                    self._request_cancel()
+
+    def _request_cancel(self) -> None:
+        """Flag the request (caller holds ``_cond``); the first request's step is kept."""
+        if not self._cancel:
+            # the step first: once ``_cancel`` is seen the scheduler thread may retire the row
+            self.cancel_step = self._decode_steps()
+            self._cancel = True
 
     # ---- consumer side
     def cancel(self) -> None:
@@ -255,7 +309,7 @@ class RequestHandle:
         with self._cond:
             if self.finished:
                 return
-            self._cancel = True
+            self._request_cancel()
         with self._wake:
             self._wake.notify_all()
 
@@ -362,11 +416,12 @@ class BatchScheduler:
         self._closing = False
         self._drain = False
         self._step_lock = threading.Lock()
-        #: Counters for metrics and benchmarks (seconds and tokens).
-        self.stats: dict[str, float] = {
-            "steps": 0, "decode_steps": 0, "decode_tokens": 0, "decode_time": 0.0,
-            "prefill_tokens": 0, "prefill_time": 0.0, "finished": 0, "cancelled": 0, "errors": 0,
-        }
+        #: Counters for metrics and benchmarks (seconds and tokens). ``cancelled``: requests
+        #: that ended cancelled (by ``cancel()`` or by a shutdown); ``cancel_lag_steps_hist``:
+        #: for each one that ``cancel()`` asked for, the decode steps run between the call and
+        #: its retirement, bucketed as :data:`CANCEL_LAG_BUCKETS`; ``cancel_lag_steps_max``:
+        #: the largest of those lags. Sum schedulers' stats with :func:`merge_stats`.
+        self.stats: dict[str, Any] = _new_stats()
         self._thread: threading.Thread | None = None
         if start:
             self._thread = threading.Thread(target=self._loop, name="metal-marlin-scheduler", daemon=True)
@@ -376,7 +431,8 @@ class BatchScheduler:
     def submit(self, prompt_ids: str | Sequence[int], params: SamplingParams | None = None) -> RequestHandle:
         """Queue a request; arguments are checked here (ValueError), not in the loop."""
         seq = self.engine.new_sequence(self.engine.encode(prompt_ids), params)
-        handle = RequestHandle(f"req-{next(_ids)}", len(seq.prompt_ids), seq.seed, self._wake)
+        handle = RequestHandle(f"req-{next(_ids)}", len(seq.prompt_ids), seq.seed, self._wake,
+                               decode_steps=lambda: self.stats["decode_steps"])
         req = _Request(seq, handle)
         with self._wake:
             if self._closing:
@@ -461,6 +517,14 @@ class BatchScheduler:
         req.handle._emit(event)
         key = {"cancelled": "cancelled", "error": "errors"}.get(event.finish_reason or "", "finished")
         self.stats[key] += 1
+        if event.finish_reason == "cancelled" and req.handle.cancel_step is not None:
+            self._record_cancel_lag(self.stats["decode_steps"] - req.handle.cancel_step)
+
+    def _record_cancel_lag(self, lag: int) -> None:
+        """Count one cancellation that took ``lag`` decode steps to take effect."""
+        self.stats["cancel_lag_steps_max"] = max(self.stats["cancel_lag_steps_max"], lag)
+        bucket = str(lag) if lag < len(CANCEL_LAG_BUCKETS) - 1 else CANCEL_LAG_BUCKETS[-1]
+        self.stats["cancel_lag_steps_hist"][bucket] += 1
 
     def _reap_cancelled(self) -> None:
         for queue in (self._waiting, self._prefilling):
