@@ -17,7 +17,7 @@ from starlette.concurrency import run_in_threadpool
 import metal_marlin
 from service import files, jobs, openai_api
 from service.config import Settings
-from service.errors import install_error_handlers
+from service.errors import install_error_handlers, register_server_paths
 from service.metrics import CONTENT_TYPE, ServiceMetrics
 from service.middleware import BodySizeLimit, RequestMetrics, TrailingSlash
 from service.schemas import Health
@@ -73,10 +73,16 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.data_dir)
     supervisor = WorkerSupervisor(settings, store, on_restart=lambda: metrics.worker_restarts.inc())
-    metrics = ServiceMetrics(job_counts=store.counts, worker_up=lambda: supervisor.ready, worker_device=lambda: supervisor.ready_info.get("device_info"))
+    metrics = ServiceMetrics(
+        job_counts=store.counts,
+        worker_up=lambda: supervisor.ready,
+        worker_device=lambda: supervisor.ready_info.get("device_info"),
+        worker_generation=lambda: supervisor.ready_info.get("generation"),
+    )
     app.state.mm = ServiceState(settings=settings, store=store, supervisor=supervisor, metrics=metrics)
 
     install_error_handlers(app)
+    register_server_paths(settings.data_dir, settings.roots)
     app.include_router(openai_api.router)
     app.include_router(jobs.router)
     app.include_router(files.router)

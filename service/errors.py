@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -18,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from jobstore.redact import redact_paths, server_locations
 
 log = logging.getLogger("metal_marlin.service")
 
@@ -77,8 +80,21 @@ class APIError(Exception):
         return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
 
 
+#: Server locations no error body may spell out (see :func:`register_server_paths`).
+_server_paths = server_locations(None)
+
+
+def register_server_paths(data_dir: Path, model_roots: list[Path]) -> None:
+    """Add a service's data directory and model roots to what error bodies redact."""
+    global _server_paths
+    merged = dict(_server_paths)
+    merged.update(server_locations(data_dir, model_roots))
+    _server_paths = sorted(merged.items(), key=lambda item: len(item[0]), reverse=True)
+
+
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+    """Every error body the service sends is built here: its message names no server path."""
+    return {"error": {"message": redact_paths(message, _server_paths), "type": type, "param": param, "code": code}}
 
 
 def sse_error(message: str, type: str = "server_error", code: str | None = None, param: str | None = None) -> bytes:

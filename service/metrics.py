@@ -65,20 +65,24 @@ def _read(source: Callable[[], T] | None, default: T) -> T | None:
 
 
 class _ScrapeTimeGauges:
-    """The gauges computed at each scrape: jobs by status, queue depth, worker up, worker device."""
+    """The gauges computed at each scrape: jobs by status, queue depth, worker up, worker device,
+    and how fast the worker's schedulers act on cancellations (from its last readiness answer;
+    they restart from zero with the worker or when a model is unloaded, hence gauges)."""
 
     def __init__(
         self,
         job_counts: Callable[[], dict[str, int]] | None,
         worker_up: Callable[[], bool] | None,
         worker_device: Callable[[], Mapping[str, Any] | None] | None,
+        worker_generation: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> None:
         self._job_counts = job_counts
         self._worker_up = worker_up
         self._worker_device = worker_device
+        self._worker_generation = worker_generation
 
     @staticmethod
-    def _families() -> tuple[GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily, GaugeMetricFamily]:
+    def _families() -> tuple[GaugeMetricFamily, ...]:
         return (
             GaugeMetricFamily("mm_jobs", "Quantization jobs by status", labels=("status",)),
             GaugeMetricFamily("mm_job_queue_depth", "Quantization jobs waiting to run", labels=()),
@@ -88,6 +92,12 @@ class _ScrapeTimeGauges:
                 "The worker's compute device (last reported): device gpu/cpu, backend cuda/metal/cpu, name",
                 labels=DEVICE_LABELS,
             ),
+            GaugeMetricFamily(
+                "mm_worker_cancel_lag_steps",
+                "Cancelled generations by the decode steps run between the cancellation and the release of its slot",
+                labels=("steps",),
+            ),
+            GaugeMetricFamily("mm_worker_cancel_lag_steps_max", "Most decode steps a cancelled generation ran on", labels=()),
         )
 
     def describe(self) -> Iterable[Metric]:
@@ -95,7 +105,7 @@ class _ScrapeTimeGauges:
         return self._families()
 
     def collect(self) -> Iterable[Metric]:
-        jobs, queue, up, device = self._families()
+        jobs, queue, up, device, lag, lag_max = self._families()
         counts = _read(self._job_counts, {})
         if counts is not None:
             for status, n in sorted(counts.items()):
@@ -108,7 +118,12 @@ class _ScrapeTimeGauges:
         if info:  # nothing until a worker has answered
             values = (info.get("device"), info.get("backend"), info.get("device_name"))
             device.add_metric(["" if v is None else str(v) for v in values], 1.0)
-        return (jobs, queue, up, device)
+        generation = _read(self._worker_generation, None)
+        if generation:
+            for steps, n in sorted((generation.get("cancel_lag_steps_hist") or {}).items()):
+                lag.add_metric([steps], float(n))
+            lag_max.add_metric([], float(generation.get("cancel_lag_steps_max") or 0))
+        return (jobs, queue, up, device, lag, lag_max)
 
 
 class ServiceMetrics:
@@ -119,6 +134,7 @@ class ServiceMetrics:
         job_counts: Callable[[], dict[str, int]] | None = None,
         worker_up: Callable[[], bool] | None = None,
         worker_device: Callable[[], Mapping[str, Any] | None] | None = None,
+        worker_generation: Callable[[], Mapping[str, Any] | None] | None = None,
     ) -> None:
         self.registry = CollectorRegistry()
         reg = self.registry
@@ -131,7 +147,7 @@ class ServiceMetrics:
         self.inflight = prometheus_client.Gauge("mm_inflight_generations", "Generation requests in progress", registry=reg)
         self.rejected = Counter("mm_rejected_requests_total", "Requests refused with 429", ("reason",), registry=reg)
         self.worker_restarts = Counter("mm_worker_restarts_total", "Times the worker process was restarted", registry=reg)
-        reg.register(_ScrapeTimeGauges(job_counts, worker_up, worker_device))
+        reg.register(_ScrapeTimeGauges(job_counts, worker_up, worker_device, worker_generation))
 
     def render(self) -> str:
         return generate_latest(self.registry).decode("utf-8")

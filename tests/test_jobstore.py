@@ -289,3 +289,16 @@ def test_data_bytes_counts_uploads_results_and_unfinished_writes(tmp_path: Path)
     (jobs_dir(tmp_path) / ".staging" / "j.1" / "model.safetensors").write_bytes(b"b" * 250)
     (tmp_path / "jobs.sqlite3").write_bytes(b"c" * 1000)  # the database is not data
     assert data_bytes(tmp_path) == 350
+
+
+def test_redact_paths_replaces_server_locations_by_labels_and_leaves_the_rest(tmp_path: Path) -> None:
+    from jobstore.redact import redact_paths, server_locations
+
+    data, models = tmp_path / "data", tmp_path / "models"
+    where = server_locations(data, [models])
+    text = f"[Errno 2] No such file: '{data}/files/file-1'; bad {models}/tiny/config.json; see /v1/models and /usr/lib"
+    assert redact_paths(text, where) == "[Errno 2] No such file: '<data>/files/file-1'; bad <models>/tiny/config.json; see /v1/models and /usr/lib"
+    # "<data>" only for the data directory itself, not for a sibling that shares its prefix
+    # (that one is under the temp directory, a server location of its own)
+    sibling = redact_paths(f"{data}base/x", where)
+    assert sibling.startswith("<server>/") and sibling.endswith("/database/x") and str(tmp_path) not in sibling

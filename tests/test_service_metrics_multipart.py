@@ -39,6 +39,8 @@ EXPECTED_FAMILIES = {
     "mm_job_queue_depth": "gauge",
     "mm_worker_up": "gauge",
     "mm_worker_device_info": "gauge",
+    "mm_worker_cancel_lag_steps": "gauge",
+    "mm_worker_cancel_lag_steps_max": "gauge",
 }
 
 
@@ -103,6 +105,16 @@ def test_scrape_time_gauges() -> None:
     got = samples(m.render())
     assert got[("mm_job_queue_depth", ())] == 0 and got[("mm_worker_up", ())] == 1
     assert got[("mm_worker_device_info", (("backend", "metal"), ("device", "gpu"), ("name", "")))] == 1
+
+
+def test_cancellation_lag_comes_from_the_workers_scheduler_stats() -> None:
+    generation: list[dict | None] = [None]
+    m = ServiceMetrics(worker_generation=lambda: generation[0])
+    assert not [k for k in samples(m.render()) if k[0].startswith("mm_worker_cancel_lag")]  # no worker answer yet
+    generation[0] = {"cancelled": 5, "cancel_lag_steps_hist": {"0": 1, "1": 3, "2": 0, ">2": 1}, "cancel_lag_steps_max": 4}
+    got = samples(m.render())
+    assert [got[("mm_worker_cancel_lag_steps", (("steps", k),))] for k in ("0", "1", "2", ">2")] == [1, 3, 0, 1]
+    assert got[("mm_worker_cancel_lag_steps_max", ())] == 4
 
 
 def test_a_failing_source_does_not_break_the_scrape() -> None:

@@ -93,3 +93,11 @@ def test_an_upload_past_the_quota_is_507_and_leaves_nothing(tmp_path: Path) -> N
         # deleting frees the space again
         client.delete(f"/v1/files/{kept.json()['id']}", headers={"Authorization": f"Bearer {ALICE}"})
         assert _upload(client, b"word " * 1_500).status_code == 200
+
+
+def test_error_bodies_name_no_server_path(tmp_path: Path) -> None:
+    from service.errors import error_body
+
+    with _client(tmp_path, model_roots=str(tmp_path / "models")):
+        body = error_body(f"cannot read the model: [Errno 2] '{tmp_path / 'models' / 'tiny' / 'config.json'}' and {tmp_path / 'data' / 'files'}", "invalid_request_error")
+    assert body["error"]["message"] == "cannot read the model: [Errno 2] '<models>/tiny/config.json' and <data>/files"

@@ -178,6 +178,8 @@ def test_autoawq_job_publishes_the_native_result_and_its_autoawq_export(setup, m
     assert not list((data / "jobs" / ".staging").iterdir())
     # every published file has the checksum recorded before the folder became visible
     assert verify_result(final) == []
+    quant_stats = json.loads((native / "quant_stats.json").read_text())
+    assert quant_stats["model_path"] == "models:tiny" and "output_path" not in quant_stats  # no server paths
     sums = json.loads((final / ".checksums.json").read_text())["files"]
     assert set(sums) >= {"model.safetensors", "autoawq/model.safetensors"}
     assert all(f["sha256"] == sums[f["filename"]] for f in done.result["files"])
@@ -211,3 +213,21 @@ def test_a_failed_autoawq_export_publishes_nothing(setup, make_tiny) -> None:
     assert "4-bit" in failed.error["message"], failed.error
     assert not result_dir(data, failed.id).exists()
     assert not list((data / "jobs" / ".staging").iterdir())
+
+
+def test_a_job_error_names_no_server_path(setup) -> None:
+    store, runner, data, root, tmp_path = setup
+    folder = root / "noweights"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 4,
+                                                   "head_dim": 16, "num_hidden_layers": 2, "vocab_size": 256, "num_key_value_heads": 4}))
+    spec = {"model": {"source": "path", "path": "noweights", "resolved": str(folder.resolve())}, "calibration": {"source": "builtin"}, "hyperparameters": HP}
+    job, _ = store.create_job(spec)
+    runner.start()
+    _wait(store, job.id, {"failed", "succeeded"})
+    failed = store.get(job.id)
+    assert failed.status == "failed", failed
+    events = " ".join(e.message for e in store.events(job.id, limit=100)[0])
+    for text in (failed.error["message"], events):
+        assert str(tmp_path) not in text and str(tmp_path.resolve()) not in text, text
+    assert "<models>/noweights" in failed.error["message"], failed.error  # the library named the folder: as a label

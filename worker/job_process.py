@@ -31,6 +31,7 @@ from typing import Any
 
 from jobstore import JobStore, open_store
 from jobstore.layout import format_dir
+from metal_marlin.assets import BUILTIN_MODEL_NAME
 from worker.proc import die_with_parent
 from worker.sources import SourceError, parse_roots, resolve_file_source, resolve_under_roots
 
@@ -127,8 +128,24 @@ def run_job(
         duo_scaling=hp.get("duo_scaling", False),
         progress=progress,
     )
+    stats = _record_public_source(output, spec["model"], stats)
     if spec.get("export_format", "mlx") == "autoawq":
         export_autoawq_result(store, job_id, worker, output, stats)
+    return stats
+
+
+def _record_public_source(output: Path, model: dict[str, Any], stats: dict[str, Any]) -> dict[str, Any]:
+    """``quant_stats.json`` of a job names its model as the client did (built-in, the path under
+    the model roots, the upload id), not by the server's paths; the staging folder it was
+    written to means nothing once the result is published, so it is dropped."""
+    kind = model.get("source", "builtin")
+    public = {"builtin": f"builtin:{BUILTIN_MODEL_NAME}", "path": f"models:{model.get('path')}", "file": f"file:{model.get('file_id')}"}
+    stats = {**stats, "model_path": public.get(kind, kind)}
+    stats.pop("output_path", None)
+    path = output / "quant_stats.json"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(stats, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
     return stats
 
 

@@ -31,8 +31,10 @@ from typing import Any
 
 from jobstore import Job, JobStore, is_job_id
 from jobstore.layout import data_bytes, format_dir, jobs_dir, remove_tree, result_dir, result_summary, spec_formats, write_checksums
+from jobstore.redact import redact_paths, server_locations
 from worker.job_process import EXIT_CANCELLED, EXIT_INVALID, EXIT_LOST, EXIT_OK
 from worker.proc import describe_exit
+from worker.sources import parse_roots
 
 log = logging.getLogger("metal_marlin.worker.jobs")
 
@@ -75,6 +77,8 @@ class JobRunner:
         self.poll_interval_s = poll_interval_s
         self.cancel_grace_s = cancel_grace_s
         self.max_data_bytes = max_data_bytes
+        # a job's error message is what its client reads: it names no server path
+        self._server_paths = server_locations(self.data_dir, parse_roots(roots))
         self._wake = threading.Event()
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
@@ -120,8 +124,8 @@ class JobRunner:
                 log.exception("job %s: runner error", job.id)
                 self.store.finish(
                     job.id, self.worker_id, "failed",
-                    error={"code": "internal_error", "message": f"worker error: {exc}"},
-                    message=f"Job failed: worker error: {exc}",
+                    error={"code": "internal_error", "message": redact_paths(f"worker error: {exc}", self._server_paths)},
+                    message=redact_paths(f"Job failed: worker error: {exc}", self._server_paths),
                 )
             finally:
                 self.current_job = None
@@ -219,7 +223,8 @@ class JobRunner:
                     error["message"] += " (out of memory?)"
             elif returncode not in (EXIT_INVALID,):
                 error.setdefault("code", "internal_error")
-            public = {"code": error.get("code", "internal_error"), "message": error.get("message", "job failed")}
+            message = redact_paths(str(error.get("message", "job failed")), self._server_paths)
+            public = {"code": error.get("code", "internal_error"), "message": message}
             self.store.finish(job.id, self.worker_id, "failed", error=public, message=f"Job failed: {public['message']}")
         finally:
             remove_tree(staging, trash)
