@@ -265,7 +265,7 @@ def test_a_stream_waiting_for_its_first_token_is_bounded_by_the_request_timeout_
 
 def test_a_stream_that_never_goes_quiet_is_still_bounded_by_the_request_timeout(tmp_path: Path) -> None:
     worker = FakeWorker([START] + [TOKEN] * 200 + [DONE], gap_s=0.05)
-    app = make_service(tmp_path, worker, request_timeout_s=0.4, stream_idle_timeout_s=0.25)
+    app = make_service(tmp_path, worker, request_timeout_s=0.5, stream_idle_timeout_s=2.0)  # idle: far from the 0.05 s gaps
 
     async def scenario(c: httpx.AsyncClient) -> None:
         resp = await c.post("/v1/completions", json={**COMPLETION, "stream": True})
