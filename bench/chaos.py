@@ -258,6 +258,7 @@ def main() -> int:
     args = parser.parse_args()
 
     rng = random.Random(args.seed)
+    started_at = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     scratch = Path(tempfile.mkdtemp(prefix="mm-chaos-"))
     data_dir = scratch / "data"
     port = free_port()
@@ -289,6 +290,7 @@ def main() -> int:
         "bench": "chaos",
         "machine": describe_machine(),
         "command": repo_command(sys.argv),
+        "started": started_at,
         "settings": {"job": JOB, "rounds": args.rounds, "seed": args.seed, "gateway_every": args.gateway_every, "relentless_every": args.relentless_every,
                      "max_attempts": int(os.environ.get("MM_JOB_MAX_ATTEMPTS", "3")), "health_deadline_s": HEALTH_DEADLINE_S},
         "wall_s": round(time.monotonic() - started, 1),
@@ -337,8 +339,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['round']} | {r['killed']} | {where} | {r['kills']} | {r['attempts']} | {outcome} | {told} | {answer} | {_f(r['ready_s'])} | "
                      f"{'yes' if not r['visible_result_problems'] else 'NO: ' + '; '.join(r['visible_result_problems'])} |")
     s = report["summary"]
-    lines += ["", f"{s['ok']} of {s['rounds']} rounds passed every check; {s['succeeded']} jobs succeeded "
-              f"({s['succeeded_after_retry']} of them after a retry; the others were published before the kill landed), "
+    untouched = s["succeeded"] - s["succeeded_after_retry"]
+    lines += ["", f"{s['ok']} of {s['rounds']} rounds passed every check; {s['succeeded']} jobs succeeded, "
+              f"{s['succeeded_after_retry']} of them after a retry"
+              + (f" ({untouched} had been published before the kill landed)" if untouched else "") + ", "
               f"{s['failed_with_code']} failed with a stated code, {s['lost']} lost, {s['visible_partial_results']} partial or "
               f"unverifiable results visible; `/health` answered at most {s['health_answer_max_s']} s after a kill."]
     return "\n".join(lines)
