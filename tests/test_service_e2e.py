@@ -540,8 +540,6 @@ def test_worker_sigkill_mid_job_and_mid_stream(server: Server) -> None:
     assert last["error"]["code"] == "worker_unavailable" and "[DONE]" not in rest
 
     # the retry policy: the job goes back to the queue (attempt 1 of 3) and the new worker runs it
-    health = server.wait_healthy(60)
-    assert health["worker"]["pid"] != worker_pid and health["worker"]["restarts"] >= 1
     job = server.wait_job(job_id, {"failed", "succeeded", "cancelled"}, timeout_s=120)
     assert job["status"] == "succeeded", job
     events = server.http.get(f"/v1/quantization/jobs/{job_id}/events", params={"limit": 1000}).json()["data"]
@@ -552,6 +550,8 @@ def test_worker_sigkill_mid_job_and_mid_stream(server: Server) -> None:
     assert verify_result(server.data_dir / "jobs" / job_id) == []  # what is visible is what the job wrote
     assert job["result_files"] and all(len(f["sha256"]) == 64 for f in job["result_files"])
     assert not list((server.data_dir / "jobs" / ".staging").glob(f"{job_id}*"))
+    health = server.wait_healthy(60)  # the job ran on the new worker, so it is up
+    assert health["worker"]["pid"] != worker_pid and health["worker"]["restarts"] >= 1
     # the new worker serves again (the quantized model loads in about a second)
     again = server.http.post("/v1/completions", json={"model": server.shared_job, "prompt": "Hello", "max_tokens": 1})
     assert again.status_code == 200, again.text
