@@ -55,6 +55,36 @@ _CHUNK_SAMPLES = 8  # samples per forward chunk: bounds the attention score memo
 
 
 @dataclass(frozen=True)
+class HeadTie:
+    """o_proj's input channels under grouped-query attention (fewer KV heads than query heads).
+
+    Query head ``h`` attends over KV head ``h // group``; o_proj's input is the query heads'
+    outputs side by side, each a convex mix of its KV head's value vectors. Dividing one
+    ``v_proj`` output channel by ``t`` divides that channel of every query head sharing it by
+    ``t``, so o_proj's columns may take ``t`` back exactly only when the scales of the ``group``
+    query-head channels fed by one KV channel are equal: one scale per ``v_proj`` output channel,
+    repeated over its query heads.
+    """
+
+    n_kv_heads: int
+    group: int  # query heads per KV head
+    head_dim: int
+
+    def tie(self, s: Any, keep: Any, xp: ModuleType) -> Any:
+        """``s`` over o_proj's inputs made exact to fold: the geometric mean of each tied set,
+        1 for a set holding a salient (kept-aside) channel, whose scale must stay 1."""
+        shape = (self.n_kv_heads, self.group, self.head_dim)
+        log_s = xp.log(s.reshape(shape)).mean(axis=1, keepdims=True)
+        all_kept = keep.reshape(shape).min(axis=1, keepdims=True) > 0
+        tied = xp.where(all_kept, xp.exp(log_s), 1.0)
+        return xp.broadcast_to(tied, shape).reshape(-1).astype(xp.float32)
+
+    def per_kv_channel(self, s: np.ndarray) -> np.ndarray:
+        """The ``v_proj`` output scales of tied o_proj input scales ``s``."""
+        return s.reshape(self.n_kv_heads, self.group, self.head_dim)[:, 0, :].reshape(-1)
+
+
+@dataclass(frozen=True)
 class LinearGroup:
     """Linears that read the same input, and the op whose output that input is."""
 
@@ -62,6 +92,7 @@ class LinearGroup:
     capture_key: str  # key of DecoderBlock.capture()'s inputs
     linears: tuple[str, ...]  # attribute paths inside the block
     previous: str | None  # RMSNorm or linear that absorbs 1/s; None: no scaling possible
+    tie: HeadTie | None = None  # scales must be tied so ``previous`` can absorb them (GQA v -> o)
 
 
 def block_groups(block: nn.Module) -> list[LinearGroup]:
@@ -70,9 +101,13 @@ def block_groups(block: nn.Module) -> list[LinearGroup]:
     groups = [
         LinearGroup("attn_qkv", "attn_input", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
     ]
-    # v's output channels map one-to-one onto o's input channels only without GQA.
-    v_to_o = attn.v_proj.weight.shape[0] == attn.o_proj.weight.shape[1] and attn.n_kv_heads == attn.n_heads
-    groups.append(LinearGroup("attn_o", "o_proj_input", ("self_attn.o_proj",), "self_attn.v_proj" if v_to_o else None))
+    # v's output channels map one-to-one onto o's input channels without GQA; with it, one v
+    # channel feeds a channel of each of its query heads, so their scales are tied (HeadTie).
+    tie = None
+    if attn.n_kv_heads != attn.n_heads:
+        tie = HeadTie(attn.n_kv_heads, attn.n_heads // attn.n_kv_heads, attn.head_dim)
+    v_to_o = attn.o_proj.weight.shape[1] == attn.n_heads * attn.head_dim and attn.v_proj.weight.shape[0] == attn.n_kv_heads * attn.head_dim
+    groups.append(LinearGroup("attn_o", "o_proj_input", ("self_attn.o_proj",), "self_attn.v_proj" if v_to_o else None, tie if v_to_o else None))
     groups.append(LinearGroup("mlp_gate_up", "mlp_input", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"))
     groups.append(LinearGroup("mlp_down", "down_proj_input", ("mlp.down_proj",), "mlp.up_proj"))
     return groups
@@ -164,7 +199,8 @@ def _plan_group(
         return sum(error.total(d) * d.shape[0] for d in deltas) / sum(d.shape[0] for d in deltas)
 
     if use_awq and group.previous is not None:
-        found = search_scales(ws, xp.array(stat), keep, spec, loss, n_grid=n_grid, duo_scaling=duo_scaling, xp=xp)
+        tie = (lambda scales: group.tie.tie(scales, keep, xp)) if group.tie is not None else None
+        found = search_scales(ws, xp.array(stat), keep, spec, loss, n_grid=n_grid, duo_scaling=duo_scaling, xp=xp, tie=tie)
         s, alpha, rtn_loss, awq_loss = found.scales, found.alpha, found.loss_rtn, found.loss
     else:
         s = xp.ones((in_features,), dtype=xp.float32)
@@ -214,7 +250,8 @@ def fold_scales(block: nn.Module, groups: Sequence[LinearGroup], scales: dict[st
 
     For a group with scales ``s``: its linears' weight columns are multiplied by ``s`` and the
     previous op's output is divided by ``s`` (an RMSNorm's weight, or the output rows and
-    bias of the previous linear). All folds happen before any quantization, because a
+    bias of the previous linear; under GQA one row per tied set, see :class:`HeadTie`, so a
+    tied group's ``s`` must come from :meth:`HeadTie.tie`). All folds happen before any quantization, because a
     group's previous op (``up_proj`` for ``down_proj``) belongs to another group.
     """
     for group in groups:
@@ -230,9 +267,10 @@ def fold_scales(block: nn.Module, groups: Sequence[LinearGroup], scales: dict[st
         if isinstance(prev, nn.RMSNorm):
             _set_param(prev, "weight", _to_np(prev.weight) / s, prev.weight)
         else:
-            _set_param(prev, "weight", _to_np(prev.weight) / s[:, None], prev.weight)
+            s_out = group.tie.per_kv_channel(s) if group.tie is not None else s  # one per v_proj output
+            _set_param(prev, "weight", _to_np(prev.weight) / s_out[:, None], prev.weight)
             if "bias" in prev:
-                _set_param(prev, "bias", _to_np(prev.bias) / s, prev.bias)
+                _set_param(prev, "bias", _to_np(prev.bias) / s_out, prev.bias)
 
 
 def _quantize_folded(block: nn.Module, plans: dict[str, list[_LinearPlan]], spec: QuantSpec) -> dict[str, dict[str, np.ndarray]]:

@@ -161,8 +161,12 @@ def search_scales(
     n_grid: int = 20,
     duo_scaling: bool = False,
     xp: ModuleType = np,
+    tie: Callable[[Any], Any] | None = None,
 ) -> ScaleSearchResult:
     """Grid search of ``alpha`` for layers sharing one input; keeps the lowest ``loss``.
+
+    ``tie`` maps each candidate ``s`` to the nearest one the previous op can absorb exactly
+    (o_proj under grouped-query attention); candidates are scored after it.
 
     ``loss`` receives ``[W_hat - W*keep for each layer]``: the weight errors in the original
     input space, so any output-error measure (a layer's output, a concatenation of q/k/v
@@ -174,6 +178,8 @@ def search_scales(
     best: tuple[float, float, Any] | None = None
     for alpha in alpha_grid(n_grid):
         s = channel_scales(stat, alpha, keep, xp, weight_stat if alpha > 0 else None)
+        if tie is not None:
+            s = tie(s)
         deltas = [fake_quantize_scaled(w, s, keep, spec, xp) - t for w, t in zip(weights, targets)]
         value = loss(deltas)
         losses.append(value)

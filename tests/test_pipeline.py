@@ -65,14 +65,36 @@ def test_folded_scales_leave_the_float_model_unchanged(smollm2, tokenizer) -> No
                 for g in groups
                 if g.previous is not None
             }
+            # SmolLM2 has 9 query heads on 3 KV heads: v -> o is scaled too, with tied scales
+            (attn_o,) = [g for g in groups if g.name == "attn_o"]
+            assert attn_o.previous == "self_attn.v_proj" and attn_o.tie is not None and attn_o.tie.group == 3
+            keep = np.ones(widths["attn_o"], np.float32)
+            scales["attn_o"] = attn_o.tie.tie(scales["attn_o"], keep, np)
             fold_scales(block, groups, scales)
         after = model(tokens)
-        changed = np.abs(np.array(model.model.layers[0].self_attn.q_proj.weight) - np.array(saved["model.layers.0.self_attn.q_proj.weight"])).max()
-        assert changed > 1e-3  # the weights really moved
+        for name in ("q_proj", "v_proj", "o_proj"):
+            key = f"model.layers.0.self_attn.{name}.weight"
+            changed = np.abs(np.array(getattr(model.model.layers[0].self_attn, name).weight) - np.array(saved[key])).max()
+            assert changed > 1e-3, name  # the weights really moved
         np.testing.assert_allclose(np.array(after), np.array(before), rtol=0, atol=2e-3 * float(mx.abs(before).max().item()))
         assert np.array_equal(np.argmax(np.array(after), -1), np.argmax(np.array(before), -1))
     finally:
         model.load_weights(list(saved.items()))
+
+
+def test_head_tie_gives_one_scale_per_kv_channel_and_keeps_salient_sets_at_one() -> None:
+    from metal_marlin.pipeline import HeadTie
+
+    tie = HeadTie(n_kv_heads=2, group=3, head_dim=2)  # 6 query heads x 2 = 12 o_proj inputs
+    s = np.arange(1, 13, dtype=np.float32)
+    keep = np.ones(12, np.float32)
+    keep[11] = 0.0  # a salient channel of KV channel (1, 1)
+    tied = tie.tie(s, keep, np).reshape(2, 3, 2)
+    assert np.allclose(tied[0, :, 0], np.exp(np.log([1, 3, 5]).mean())) and np.allclose(tied[0, :, 1], np.exp(np.log([2, 4, 6]).mean()))
+    assert np.allclose(tied[1, :, 0], np.exp(np.log([7, 9, 11]).mean())) and np.all(tied[1, :, 1] == 1.0)
+    assert np.array_equal(tie.per_kv_channel(tied.reshape(-1)), tied[:, 0, :].reshape(-1))
+    tied_mx = tie.tie(mx.array(s), mx.array(keep), mx)  # the same on the GPU path
+    np.testing.assert_allclose(np.array(tied_mx), tied.reshape(-1), rtol=1e-6)
 
 
 def _width(block, group) -> int:
