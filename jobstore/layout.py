@@ -76,6 +76,12 @@ def result_dir(data_dir: Path, job_id: str) -> Path:
     return jobs_dir(data_dir) / job_id
 
 
+def holds_weights(folder: Path, fmt: str = "mlx") -> bool:
+    """Whether a result folder (published or staged) has the weights of format ``fmt``: what
+    loading it and its default download need."""
+    return (format_dir(folder, fmt) / "model.safetensors").is_file()
+
+
 def format_dir(folder: Path, fmt: str) -> Path:
     """Where a result folder keeps one format: the native (``mlx``) files at its top, the
     AutoAWQ export in ``autoawq/``."""
@@ -160,10 +166,9 @@ def result_summary(folder: Path) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, TypeError):
         sums = {}
     summary: dict[str, Any] = {"files": _file_list(folder, sums), "stats": stats, "formats": ["mlx"]}
-    awq = format_dir(folder, "autoawq")
-    if (awq / "model.safetensors").is_file():
+    if holds_weights(folder, "autoawq"):
         summary["formats"].append("autoawq")
-        summary["autoawq_files"] = _file_list(awq, sums, prefix=f"{AUTOAWQ_DIR}/")
+        summary["autoawq_files"] = _file_list(format_dir(folder, "autoawq"), sums, prefix=f"{AUTOAWQ_DIR}/")
     return summary
 
 

@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from starlette.concurrency import run_in_threadpool
 
 import metal_marlin
+from jobstore import open_store
 from service import files, jobs, openai_api
 from service.config import Settings
 from service.errors import install_error_handlers, register_server_paths
@@ -23,7 +24,6 @@ from service.middleware import BodySizeLimit, RequestMetrics, TrailingSlash
 from service.schemas import Health
 from service.state import ServiceState, get_state
 from service.supervisor import WorkerSupervisor
-from jobstore import open_store
 
 log = logging.getLogger("metal_marlin.service")
 

@@ -30,6 +30,8 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
+from jobstore import FILE_PURPOSES, FileInUse, JobStore, StoredFile, is_file_id, new_file_id
+from jobstore.layout import files_dir, stored_file_path
 from service.auth import require_api_key
 from service.downloads import file_download
 from service.errors import APIError, error_responses
@@ -38,8 +40,6 @@ from service.multipart import MultipartError, MultipartReader, PartData, PartEnd
 from service.quota import quota_exceeded, remaining_bytes
 from service.schemas import DeletedFile, FileList, FileObject, FilePurpose
 from service.state import ServiceState, get_state
-from jobstore import FILE_PURPOSES, FileInUse, JobStore, StoredFile, is_file_id, new_file_id
-from jobstore.layout import files_dir, stored_file_path
 from worker.sources import inspect_upload
 
 log = logging.getLogger("metal_marlin.service.files")

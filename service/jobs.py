@@ -35,26 +35,6 @@ from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
 from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from metal_marlin.assets import BUILTIN_MODEL_NAME
-from service.auth import request_owner, require_api_key
-from service.downloads import file_download
-from service.errors import APIError, error_responses, sse_error
-from service.openai_api import SSE_HEADERS
-from service.schemas import (
-    BuiltinModelSource,
-    DeletedJob,
-    ExportFormat,
-    FileModelSource,
-    ModelSourceObject,
-    PathModelSource,
-    QuantizationJob,
-    QuantizationJobCreate,
-    QuantizationJobEvent,
-    QuantizationJobEventList,
-    QuantizationJobList,
-)
-from service.quota import remaining_bytes
-from service.state import ServiceState, get_state
 from jobstore import (
     IdempotencyConflict,
     Job,
@@ -69,6 +49,26 @@ from jobstore import (
     parse_event_id,
 )
 from jobstore.layout import format_dir, jobs_dir, remove_tree, result_dir
+from metal_marlin.assets import BUILTIN_MODEL_NAME
+from service.auth import request_owner, require_api_key
+from service.downloads import file_download
+from service.errors import APIError, error_responses, sse_error
+from service.openai_api import SSE_HEADERS
+from service.quota import remaining_bytes
+from service.schemas import (
+    BuiltinModelSource,
+    DeletedJob,
+    ExportFormat,
+    FileModelSource,
+    ModelSourceObject,
+    PathModelSource,
+    QuantizationJob,
+    QuantizationJobCreate,
+    QuantizationJobEvent,
+    QuantizationJobEventList,
+    QuantizationJobList,
+)
+from service.state import ServiceState, get_state
 from worker.sources import SourceError, check_quantizable, model_widths, resolve_file_source, resolve_under_roots
 
 log = logging.getLogger("metal_marlin.service.jobs")

@@ -37,6 +37,8 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
+from jobstore import Job, is_job_id
+from jobstore.layout import holds_weights, result_dir
 from metal_marlin.assets import BUILTIN_MODEL_NAME, builtin_model_path
 from service.auth import require_api_key
 from service.errors import APIError, error_responses, sse_error
@@ -51,8 +53,6 @@ from service.schemas import (
     SamplingFields,
 )
 from service.state import ServiceState, get_state
-from jobstore import Job, is_job_id
-from jobstore.layout import result_dir
 
 log = logging.getLogger("metal_marlin.service.openai")
 
@@ -90,7 +90,7 @@ def _job_card(job: Job) -> ModelCard:
 def _job_files_present(state: ServiceState, job: Job) -> bool:
     """Whether a succeeded job's result is still on disk (what the worker loads, and the
     result download's default file)."""
-    return (result_dir(state.settings.data_dir, job.id) / "model.safetensors").is_file()
+    return holds_weights(result_dir(state.settings.data_dir, job.id))
 
 
 def _known_models(state: ServiceState) -> list[ModelCard]:

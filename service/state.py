@@ -6,10 +6,10 @@ from dataclasses import dataclass
 
 from fastapi import Request
 
+from jobstore import JobStore
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.supervisor import WorkerSupervisor
-from jobstore import JobStore
 
 
 @dataclass

@@ -27,8 +27,8 @@ from typing import Any
 
 import httpx
 
-from service.config import Settings
 from jobstore import MAX_ATTEMPTS_ENV, MAX_DATA_BYTES_ENV, JobStore
+from service.config import Settings
 from worker.proc import describe_exit
 from worker.protocol import WORKER_TOKEN_HEADER
 from worker.served import ENV_VAR as SERVED_MODELS_VAR

@@ -16,9 +16,9 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from jobstore import open_store
 from service.app import create_app
 from service.config import Settings
-from jobstore import open_store
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

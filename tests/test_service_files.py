@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from jobstore import open_store
 from service.app import create_app
 from service.config import Settings
 from service.files import clean_filename
 from service.jobs import follow_events
 from service.multipart import MultipartError, MultipartReader, PartData, PartEnd, PartStart, boundary_from_content_type
-from jobstore import open_store
 
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

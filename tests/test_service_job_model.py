@@ -16,10 +16,10 @@ from typing import Any
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import create_app
-from service.config import Settings
 from jobstore import JobStore
 from jobstore.layout import result_dir
+from service.app import create_app
+from service.config import Settings
 from test_service_api import AUTH, KEY, TINY, assert_error
 from test_service_files import tiny_gguf
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from fastapi.testclient import TestClient
 
+from jobstore import open_store
 from worker.app import WorkerState, create_worker_app
 from worker.generation import MIB, ModelRegistry
-from jobstore import open_store
 from worker.protocol import WORKER_TOKEN_HEADER
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from worker.generation import MIB, LoadedModel, ModelFilesMissing, ModelLoadFailed, ModelNotFound, ModelRegistry, ModelUnavailable
 from jobstore import open_store
+from worker.generation import MIB, LoadedModel, ModelFilesMissing, ModelLoadFailed, ModelNotFound, ModelRegistry, ModelUnavailable
 
 
 class FakeScheduler:

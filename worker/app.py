@@ -29,8 +29,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from worker.generation import LoadedModel, ModelFilesMissing, ModelLoadFailed, ModelNotFound, ModelRegistry, ModelUnavailable
 from jobstore import JobStore
+from worker.generation import LoadedModel, ModelFilesMissing, ModelLoadFailed, ModelNotFound, ModelRegistry, ModelUnavailable
 from worker.protocol import (
     NDJSON,
     WORKER_TOKEN_HEADER,

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from jobstore import JobStore, is_job_id
+from jobstore.layout import holds_weights, result_dir
 from metal_marlin import device
 from metal_marlin.assets import BUILTIN_MODEL_NAME, builtin_model_path
-from jobstore import JobStore, is_job_id
-from jobstore.layout import result_dir
 
 log = logging.getLogger("metal_marlin.worker.models")
 
@@ -138,7 +138,7 @@ class ModelRegistry:
             job = self.store.get(model_id)
             if job is not None and job.status == "succeeded":
                 path = result_dir(self.data_dir, model_id)
-                present = (path / "model.safetensors").is_file()
+                present = holds_weights(path)
         if path is None:
             raise ModelNotFound(f"the model {model_id!r} does not exist")
         if not present:

@@ -34,10 +34,10 @@ from pathlib import Path
 
 import uvicorn
 
+from jobstore import MAX_DATA_BYTES_ENV, job_max_attempts, open_store
 from metal_marlin.device import MLXUnavailableError, device_info, on_gpu, select_device
 from worker.app import WorkerState, create_worker_app
 from worker.generation import MIB, ModelRegistry
-from jobstore import MAX_DATA_BYTES_ENV, job_max_attempts, open_store
 from worker.proc import die_with_parent, watch_parent
 from worker.runner import JobRunner, cleanup_data_dir
 from worker.served import ENV_VAR as SERVED_MODELS_VAR

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from jobstore import Job, JobStore, is_job_id
-from jobstore.layout import data_bytes, format_dir, jobs_dir, remove_tree, result_dir, result_summary, spec_formats, write_checksums
+from jobstore.layout import data_bytes, holds_weights, jobs_dir, remove_tree, result_dir, result_summary, spec_formats, write_checksums
 from jobstore.redact import redact_paths, server_locations
 from worker.job_process import EXIT_CANCELLED, EXIT_INVALID, EXIT_LOST, EXIT_OK
 from worker.proc import describe_exit
@@ -192,7 +192,7 @@ class JobRunner:
             if shutdown:
                 self.store.requeue(job.id, self.worker_id, "The worker shut down while this job ran; it was put back in the queue")
                 return
-            missing = [f for f in spec_formats(job.spec) if not (format_dir(staging, f) / "model.safetensors").is_file()]
+            missing = [f for f in spec_formats(job.spec) if not holds_weights(staging, f)]
             if returncode == EXIT_OK and missing:
                 error = {"code": "internal_error", "message": f"the job process ended without writing its {' and '.join(missing)} result"}
             elif returncode == EXIT_OK and self._over_quota():

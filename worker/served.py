@@ -22,8 +22,8 @@ import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from metal_marlin.assets import BUILTIN_MODEL_NAME
 from jobstore import JOB_ID_PREFIX
+from metal_marlin.assets import BUILTIN_MODEL_NAME
 
 ENV_VAR = "MM_SERVED_MODELS"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
