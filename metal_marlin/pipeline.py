@@ -96,21 +96,34 @@ class LinearGroup:
 
 
 def block_groups(block: nn.Module) -> list[LinearGroup]:
-    """The AWQ groups of a Llama-family block."""
-    attn = block.self_attn
-    groups = [
-        LinearGroup("attn_qkv", "attn_input", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-    ]
-    # v's output channels map one-to-one onto o's input channels without GQA; with it, one v
-    # channel feeds a channel of each of its query heads, so their scales are tied (HeadTie).
-    tie = None
-    if attn.n_kv_heads != attn.n_heads:
-        tie = HeadTie(attn.n_kv_heads, attn.n_heads // attn.n_kv_heads, attn.head_dim)
-    v_to_o = attn.o_proj.weight.shape[1] == attn.n_heads * attn.head_dim and attn.v_proj.weight.shape[0] == attn.n_kv_heads * attn.head_dim
-    groups.append(LinearGroup("attn_o", "o_proj_input", ("self_attn.o_proj",), "self_attn.v_proj" if v_to_o else None, tie if v_to_o else None))
-    groups.append(LinearGroup("mlp_gate_up", "mlp_input", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"))
-    groups.append(LinearGroup("mlp_down", "down_proj_input", ("mlp.down_proj",), "mlp.up_proj"))
+    """The AWQ groups of a block, from its architecture's ``SCALING_GROUPS``.
+
+    A group whose previous op is a linear with fewer outputs than the group has inputs
+    (v_proj -> o_proj under grouped-query attention) gets tied scales (:class:`HeadTie`);
+    any other shape mismatch leaves the group unscaled (clip search and rounding only).
+    """
+    groups = []
+    for declared in type(block).SCALING_GROUPS:
+        previous, tie = declared.previous, None
+        if previous is not None:
+            prev = _module(block, previous)
+            in_features = _module(block, declared.linears[0]).weight.shape[1]
+            if prev.weight.ndim == 2 and prev.weight.shape[0] != in_features:
+                tie = _head_tie(block, prev.weight.shape[0], in_features)
+                previous = previous if tie is not None else None
+        groups.append(LinearGroup(declared.name, declared.capture_key, declared.linears, previous, tie))
     return groups
+
+
+def _head_tie(block: nn.Module, prev_out: int, in_features: int) -> HeadTie | None:
+    """The tie of o_proj's inputs to v_proj's outputs, when the shapes are those of GQA."""
+    attn = getattr(block, "self_attn", None)
+    if attn is None:
+        return None
+    n_heads, n_kv_heads, head_dim = attn.n_heads, attn.n_kv_heads, attn.head_dim
+    if prev_out != n_kv_heads * head_dim or in_features != n_heads * head_dim or n_heads % n_kv_heads:
+        return None
+    return HeadTie(n_kv_heads, n_heads // n_kv_heads, head_dim)
 
 
 def _module(block: nn.Module, path: str) -> nn.Module:
@@ -264,7 +277,7 @@ def fold_scales(block: nn.Module, groups: Sequence[LinearGroup], scales: dict[st
             linear = _module(block, path)
             _set_param(linear, "weight", _to_np(linear.weight) * s[None, :], linear.weight)
         prev = _module(block, group.previous)
-        if isinstance(prev, nn.RMSNorm):
+        if prev.weight.ndim == 1:  # a norm: its weight multiplies its output
             _set_param(prev, "weight", _to_np(prev.weight) / s, prev.weight)
         else:
             s_out = group.tie.per_kv_channel(s) if group.tie is not None else s  # one per v_proj output
@@ -296,6 +309,15 @@ def _quantize_folded(block: nn.Module, plans: dict[str, list[_LinearPlan]], spec
             _set_param(linear, "weight", deq, linear.weight)
             stored[plan.path] = tensors
     return stored
+
+
+def _store_float_params(block: nn.Module, stored: dict[str, dict[str, np.ndarray]]) -> None:
+    """Add every block parameter that is not a quantized weight (norms, biases), as folded."""
+    for name, value in tree_flatten(block.parameters()):
+        path, _, leaf = name.rpartition(".")
+        if leaf == "weight" and path in stored:
+            continue  # the packed codes are already there
+        stored.setdefault(path, {})[leaf] = _to_np(value)
 
 
 def _snapshot(block: nn.Module) -> dict[str, mx.array]:
@@ -344,12 +366,7 @@ def _quantize_block(
         fold_scales(block, groups, {name: group_plans[0].scales for name, group_plans in plans.items()})
         stored = _quantize_folded(block, plans, spec)
         block_error = _block_mse(block, x_cmp, ref_cmp)
-        for name in ("input_layernorm", "post_attention_layernorm"):
-            stored[name] = {"weight": _to_np(_module(block, name).weight)}
-        for g in groups:
-            for path in g.linears:
-                if "bias" in _module(block, path):
-                    stored[path]["bias"] = _to_np(_module(block, path).bias)
+        _store_float_params(block, stored)
         outcomes[use_awq] = (block_error, stored, plans)
     rtn_error = outcomes[False][0]
     awq_error = outcomes[True][0] if True in outcomes else rtn_error

@@ -36,6 +36,7 @@ from metal_marlin import device
 
 from .cache import DEFAULT_STEP, KVCache, make_cache
 from .layers import DENSE_COPY_MIN_ROWS, DENSE_WEIGHT_ATTR, project_stacked
+from .scaling import ScalingGroup
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 ARCHITECTURES = {
@@ -335,6 +336,14 @@ class DecoderBlock(nn.Module):
     ``positions`` is the RoPE position of the first token of ``x``: an int, or an int32
     array ``[B]`` for per-row positions (left-padded batches); by default the cache offset.
     """
+
+    SCALING_GROUPS: tuple[ScalingGroup, ...] = (
+        ScalingGroup("attn_qkv", "attn_input", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+        ScalingGroup("attn_o", "o_proj_input", ("self_attn.o_proj",), "self_attn.v_proj"),
+        ScalingGroup("mlp_gate_up", "mlp_input", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+        ScalingGroup("mlp_down", "down_proj_input", ("mlp.down_proj",), "mlp.up_proj"),
+    )
+    """AWQ's groups for this block (see :mod:`metal_marlin.models.scaling`)."""
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
