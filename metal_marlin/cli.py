@@ -83,7 +83,7 @@ def run_collect(args: argparse.Namespace) -> int:
     hidden = None
     if args.hidden_states:
         model = (load_builtin_model() if args.model_path is None else load_model(args.model_path)).model
-        hidden = np.array(model.model.embed_tokens(mx.array(ids)).astype(mx.float32))
+        hidden = np.array(model.model.embed(mx.array(ids)).astype(mx.float32))
     save_activations(args.output, CalibrationBatch(ids, hidden))
     print(f"wrote {args.output}: {ids.shape[0]} samples x {ids.shape[1]} tokens" + (" + hidden states" if hidden is not None else ""))
     return 0

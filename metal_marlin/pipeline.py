@@ -277,8 +277,9 @@ def fold_scales(block: nn.Module, groups: Sequence[LinearGroup], scales: dict[st
             linear = _module(block, path)
             _set_param(linear, "weight", _to_np(linear.weight) * s[None, :], linear.weight)
         prev = _module(block, group.previous)
-        if prev.weight.ndim == 1:  # a norm: its weight multiplies its output
-            _set_param(prev, "weight", _to_np(prev.weight) / s, prev.weight)
+        if prev.weight.ndim == 1:  # a norm: it multiplies its output by weight + offset
+            offset = float(getattr(prev, "weight_offset", 0.0))  # Gemma stores w and applies 1 + w
+            _set_param(prev, "weight", (_to_np(prev.weight) + offset) / s - offset, prev.weight)
         else:
             s_out = group.tie.per_kv_channel(s) if group.tie is not None else s  # one per v_proj output
             _set_param(prev, "weight", _to_np(prev.weight) / s_out[:, None], prev.weight)
@@ -428,7 +429,7 @@ def quantize_loaded_model(
     if batch.hidden_states is not None:
         x = mx.array(batch.hidden_states.astype(np.float32))
     else:
-        x = model.model.embed_tokens(mx.array(batch.input_ids)).astype(mx.float32)
+        x = model.model.embed(mx.array(batch.input_ids)).astype(mx.float32)
     mx.eval(x)
 
     tensors: dict[str, np.ndarray] = {}

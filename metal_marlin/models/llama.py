@@ -440,13 +440,18 @@ class LlamaTransformer(nn.Module):
         self.layers = [DecoderBlock(cfg) for _ in range(cfg.num_hidden_layers)]
         self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
 
+    def embed(self, tokens: mx.array) -> mx.array:
+        """The first block's input for ``tokens``: what calibration and ``collect`` capture
+        (an architecture that scales its embeddings does it here)."""
+        return self.embed_tokens(tokens)
+
     def __call__(
         self,
         tokens: mx.array,
         cache: Sequence[KVCache] | None = None,
         left_padding: Sequence[int] | mx.array | None = None,
     ) -> mx.array:
-        h = self.embed_tokens(tokens)
+        h = self.embed(tokens)
         offset = cache[0].offset if cache else 0
         if left_padding is None:
             mask: Mask = "causal"
