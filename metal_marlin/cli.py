@@ -42,6 +42,11 @@ def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN)
     parser.add_argument("--n-grid", type=int, default=20, help="alpha grid points of the scale search")
     parser.add_argument("--duo-scaling", action="store_true", help="AutoAWQ's weight-normalised scales")
+    parser.add_argument(
+        "--method", choices=("awq", "awq+round", "rtn"), default="awq",
+        help="awq: scale + clip search; awq+round: then learned rounding per block (slower, closer); rtn: round-to-nearest",
+    )
+    parser.add_argument("--rounding-steps", type=int, default=200, help="signed-gradient steps per block for --method awq+round")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -62,10 +67,13 @@ def run_quantize(args: argparse.Namespace) -> int:
         text_path=args.text_path,
         n_grid=args.n_grid,
         duo_scaling=args.duo_scaling,
+        method=args.method,
+        rounding_steps=args.rounding_steps,
     )
+    learned = f"{stats['blocks_round']} learned rounding / " if args.method == "awq+round" else ""
     print(
         f"wrote {args.output_path}: {stats['bits']}-bit g{stats['group_size']}, "
-        f"{stats['bits_per_weight']:.3f} bits/weight, {stats['blocks_awq']} blocks AWQ / "
+        f"{stats['bits_per_weight']:.3f} bits/weight, {learned}{stats['blocks_awq']} blocks AWQ / "
         f"{stats['blocks_rtn']} round-to-nearest, {stats['total_time_s']:.1f} s"
     )
     return 0

@@ -47,10 +47,14 @@ from metal_marlin.calibration import (
     calibration_tokens,
     load_activations,
 )
-from metal_marlin.quant import QuantSpec, fake_quantize, quantize_tensor, to_mlx_scales_biases
+from metal_marlin.quant import QuantSpec, Rounding, fake_quantize, quantize_tensor, to_mlx_scales_biases
+from metal_marlin.rounding import DEFAULT_BATCH_ROWS, DEFAULT_STEPS, RoundingTarget, check_rounding_settings, learn_block_rounding
 from metal_marlin.search import OutputError, fake_quantize_scaled, search_clip, search_scales
 
 ProgressFn = Callable[[dict[str, Any]], None]
+Method = Literal["awq", "awq+round", "rtn"]
+METHODS: tuple[str, ...] = ("awq", "awq+round", "rtn")
+"""``awq``: scales + clipping; ``awq+round``: then learned rounding; ``rtn``: round-to-nearest."""
 _CHUNK_SAMPLES = 8  # samples per forward chunk: bounds the attention score memory
 
 
@@ -287,9 +291,12 @@ def fold_scales(block: nn.Module, groups: Sequence[LinearGroup], scales: dict[st
                 _set_param(prev, "bias", _to_np(prev.bias) / s_out, prev.bias)
 
 
-def _quantize_folded(block: nn.Module, plans: dict[str, list[_LinearPlan]], spec: QuantSpec) -> dict[str, dict[str, np.ndarray]]:
+def _quantize_folded(
+    block: nn.Module, plans: dict[str, list[_LinearPlan]], spec: QuantSpec, roundings: dict[str, Rounding] | None = None
+) -> dict[str, dict[str, np.ndarray]]:
     """Quantize every (already folded) linear; set it to its dequantized weight for scoring.
 
+    ``roundings`` (learned rounding, by linear path) replace the plans' clip ratios.
     Returns the stored tensors per linear path: packed codes, fp16 scales and biases, and
     the fp16 side channels when there are salient channels.
     """
@@ -298,7 +305,8 @@ def _quantize_folded(block: nn.Module, plans: dict[str, list[_LinearPlan]], spec
         for plan in group_plans:
             linear = _module(block, plan.path)
             folded = _to_np(linear.weight)
-            qt = quantize_tensor(folded * plan.keep[None, :], spec, np, plan.clip_ratio)
+            rounding = roundings.get(plan.path) if roundings else None
+            qt = quantize_tensor(folded * plan.keep[None, :], spec, np, plan.clip_ratio, rounding)
             scales, biases = to_mlx_scales_biases(qt.scales, qt.zeros.astype(np.float32))
             deq = qt.dequantize()
             tensors = {"weight": qt.packed, "scales": scales, "biases": biases}
@@ -310,6 +318,18 @@ def _quantize_folded(block: nn.Module, plans: dict[str, list[_LinearPlan]], spec
             _set_param(linear, "weight", deq, linear.weight)
             stored[plan.path] = tensors
     return stored
+
+
+def _rounding_targets(block: nn.Module, plans: dict[str, list[_LinearPlan]]) -> list[RoundingTarget]:
+    """The (already folded) linears of a block as learned rounding sees them."""
+    targets = []
+    for group_plans in plans.values():
+        for plan in group_plans:
+            folded = _module(block, plan.path).weight.astype(mx.float32)
+            keep = mx.array(plan.keep)[None, :]
+            side = folded * (1.0 - keep) if plan.salient_idx.size else None
+            targets.append(RoundingTarget(plan.path, folded * keep, side, plan.clip_ratio))
+    return targets
 
 
 def _store_float_params(block: nn.Module, stored: dict[str, dict[str, np.ndarray]]) -> None:
@@ -332,6 +352,14 @@ def _restore(block: nn.Module, params: dict[str, mx.array]) -> None:
 _COMPARE_SAMPLES = 16  # calibration samples used to compare AWQ and RTN block outputs
 
 
+@dataclass(frozen=True)
+class RoundingSettings:
+    """Learned rounding's knobs (``method="awq+round"``), see :mod:`metal_marlin.rounding`."""
+
+    steps: int = DEFAULT_STEPS
+    batch_rows: int = DEFAULT_BATCH_ROWS
+
+
 def _quantize_block(
     block: nn.Module,
     x: mx.array,
@@ -342,11 +370,14 @@ def _quantize_block(
     duo_scaling: bool,
     method: str,
     xp: ModuleType,
+    rounding: RoundingSettings = RoundingSettings(),
 ) -> tuple[mx.array, dict[str, dict[str, np.ndarray]], dict[str, Any]]:
     """Quantize one block; returns (float block output, stored tensors, stats).
 
     With ``method="awq"`` the block is quantized twice, with AWQ and with plain
-    round-to-nearest, and the variant with the lower block-output error is kept.
+    round-to-nearest, and the variant with the lower block-output error is kept. With
+    ``"awq+round"`` the AWQ block's rounding is then learned, and kept only if its block-output
+    error beats the AWQ block's (and RTN's).
     """
     fp_out, captured = _run_block(block, x, capture=True, xp=xp)
     groups = block_groups(block)
@@ -354,31 +385,46 @@ def _quantize_block(
     errors = {g.name: OutputError(xp.array(captured[g.capture_key]), xp) for g in groups}
     x_cmp, ref_cmp = x[:_COMPARE_SAMPLES], fp_out[:_COMPARE_SAMPLES]
 
-    outcomes = {}
-    variants = (True, False) if method == "awq" else (False,)
-    for use_awq in variants:
+    outcomes: dict[str, tuple[float, dict[str, dict[str, np.ndarray]], dict[str, list[_LinearPlan]]]] = {}
+    variants = ("awq", "rtn") if method in ("awq", "awq+round") else ("rtn",)
+    for variant in variants:
         _restore(block, original)
         plans = {
             g.name: _plan_group(
-                block, g, captured[g.capture_key], spec, salient_ratio, activation_method, n_grid, duo_scaling, use_awq, xp, errors[g.name]
+                block, g, captured[g.capture_key], spec, salient_ratio, activation_method, n_grid, duo_scaling,
+                variant == "awq", xp, errors[g.name],
             )
             for g in groups
         }
         fold_scales(block, groups, {name: group_plans[0].scales for name, group_plans in plans.items()})
+        if variant == "awq" and method == "awq+round":
+            folded = _snapshot(block)
+            learned = learn_block_rounding(
+                block, _rounding_targets(block, plans), x, fp_out, spec, rounding.steps, rounding.batch_rows
+            )
+            stored = _quantize_folded(block, plans, spec, learned.roundings)
+            outcomes["awq+round"] = (_block_mse(block, x_cmp, ref_cmp), stored, plans)
+            _store_float_params(block, stored)
+            _restore(block, folded)  # the AWQ variant quantizes the folded float weights
         stored = _quantize_folded(block, plans, spec)
         block_error = _block_mse(block, x_cmp, ref_cmp)
         _store_float_params(block, stored)
-        outcomes[use_awq] = (block_error, stored, plans)
-    rtn_error = outcomes[False][0]
-    awq_error = outcomes[True][0] if True in outcomes else rtn_error
-    use_awq = True in outcomes and awq_error <= rtn_error
-    _, stored, plans = outcomes[use_awq]
+        outcomes[variant] = (block_error, stored, plans)
+    rtn_error = outcomes["rtn"][0]
+    awq_error = outcomes["awq"][0] if "awq" in outcomes else rtn_error
+    choice = "awq" if "awq" in outcomes and awq_error <= rtn_error else "rtn"
+    if "awq+round" in outcomes and outcomes["awq+round"][0] < outcomes[choice][0]:
+        choice = "awq+round"
+    _, stored, plans = outcomes[choice]
     stats: dict[str, Any] = {
-        "choice": "awq" if use_awq else "rtn",
+        "choice": choice,
         "block_output_error": awq_error,
         "block_rtn_output_error": rtn_error,
         "linears": {},
     }
+    if "awq+round" in outcomes:
+        stats["block_round_output_error"] = outcomes["awq+round"][0]
+        stats["rounding"] = {"first_loss": learned.first_loss, "best_loss": learned.best_loss, "best_step": learned.best_step}
     for group_plans in plans.values():
         for plan in group_plans:
             stats["linears"][plan.path] = {**plan.stats, "scales": [round(float(v), 6) for v in plan.scales]}
@@ -413,8 +459,9 @@ def quantize_loaded_model(
     duo_scaling: bool = False,
     compute_backend: str = "auto",
     progress: ProgressFn | None = None,
-    method: Literal["awq", "rtn"] = "awq",
+    method: Method = "awq",
     load_block: Callable[[int], None] | None = None,
+    rounding_steps: int = DEFAULT_STEPS,
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """AWQ over every block of a model; returns (output tensors by HF name, stats).
 
@@ -423,8 +470,9 @@ def quantize_loaded_model(
     block ``i`` is quantized (after block ``i - 1`` was released) to load its weights:
     with ``checkpoints.build_model_lazily`` only one float block is ever in memory.
     """
-    spec = validate_settings(model.config, bits, group_size, salient_ratio, activation_method, method)
+    spec = validate_settings(model.config, bits, group_size, salient_ratio, activation_method, method, rounding_steps)
     xp = compute_namespace(compute_backend)
+    rounding = RoundingSettings(steps=rounding_steps)
 
     if batch.hidden_states is not None:
         x = mx.array(batch.hidden_states.astype(np.float32))
@@ -441,7 +489,7 @@ def quantize_loaded_model(
         if load_block is not None:
             load_block(index)
         block.update(_as_float32(block))
-        fp_out, stored, stats = _quantize_block(block, x, spec, salient_ratio, activation_method, n_grid, duo_scaling, method, xp)
+        fp_out, stored, stats = _quantize_block(block, x, spec, salient_ratio, activation_method, n_grid, duo_scaling, method, xp, rounding)
         for path, items in stored.items():
             for name, value in items.items():
                 tensors[f"model.layers.{index}.{path}.{name}"] = value
@@ -466,6 +514,8 @@ def quantize_loaded_model(
         "calibration_tokens": int(np.prod(x.shape[:2])),
         "blocks_awq": sum(s["choice"] == "awq" for s in block_stats),
         "blocks_rtn": sum(s["choice"] == "rtn" for s in block_stats),
+        "blocks_round": sum(s["choice"] == "awq+round" for s in block_stats),
+        "rounding_steps": rounding_steps if method == "awq+round" else None,
         "bits_per_weight": bits_per_weight(tensors, bits),
         "time_s": time.perf_counter() - started,
         "blocks": block_stats,
@@ -481,14 +531,16 @@ class _ReleasedBlock(nn.Module):
 
 
 def validate_settings(
-    config: Any, bits: int, group_size: int, salient_ratio: float, activation_method: str, method: str = "awq"
+    config: Any, bits: int, group_size: int, salient_ratio: float, activation_method: str, method: str = "awq",
+    rounding_steps: int = DEFAULT_STEPS,
 ) -> QuantSpec:
     """Check every setting (against the model's widths when ``config`` is given); returns the spec."""
     spec = QuantSpec(bits=bits, group_size=group_size)
     if activation_method not in ACTIVATION_METHODS:
         raise ValueError(f"activation_method must be one of {ACTIVATION_METHODS}, got {activation_method!r}")
-    if method not in ("awq", "rtn"):
-        raise ValueError(f"method must be 'awq' or 'rtn', got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_rounding_settings(rounding_steps, DEFAULT_BATCH_ROWS)
     _check_salient_ratio(salient_ratio)
     if config is None:
         return spec
@@ -550,7 +602,8 @@ def awq_quantize_model(
     duo_scaling: bool = False,
     compute_backend: Literal["auto", "numpy", "mlx"] = "auto",
     progress: ProgressFn | None = None,
-    method: Literal["awq", "rtn"] = "awq",
+    method: Method = "awq",
+    rounding_steps: int = DEFAULT_STEPS,
 ) -> dict[str, Any]:
     """Quantize every linear layer of a model with AWQ and write an MLX-layout folder.
 
@@ -562,17 +615,19 @@ def awq_quantize_model(
     the stats dict. ``progress`` receives one event per block, then one with ``"stage":
     "writing"`` before the files are written; ``verbose`` draws a progress bar when no
     callback is given. Raising from ``progress`` aborts (used for cancellation).
+    ``method``: ``"awq"``, ``"awq+round"`` (AWQ, then ``rounding_steps`` steps of learned
+    rounding per block, kept where it lowers the block's output error) or ``"rtn"``.
     """
     from metal_marlin.checkpoints.hf import save_hf_folder
     from metal_marlin.checkpoints.loader import build_model_lazily, open_checkpoint
     from metal_marlin.tokenizer import load_tokenizer
 
     output_path = Path(output_path)
-    validate_settings(None, bits, group_size, salient_ratio, activation_method, method)  # before loading
+    validate_settings(None, bits, group_size, salient_ratio, activation_method, method, rounding_steps)  # before loading
     started = time.perf_counter()
     checkpoint = open_checkpoint(model_path)
     config, metadata = checkpoint.config, checkpoint.metadata
-    validate_settings(config, bits, group_size, salient_ratio, activation_method, method)
+    validate_settings(config, bits, group_size, salient_ratio, activation_method, method, rounding_steps)
     model, load_block = build_model_lazily(checkpoint)
     tokenizer = load_tokenizer(model_path)
     batch, source = _calibration_batch(model, tokenizer, activations_path, text_path, n_samples, seq_len)
@@ -589,6 +644,7 @@ def awq_quantize_model(
             model, batch, bits=bits, group_size=group_size, salient_ratio=salient_ratio,
             activation_method=activation_method, n_grid=n_grid, duo_scaling=duo_scaling,
             compute_backend=compute_backend, progress=progress, method=method, load_block=load_block,
+            rounding_steps=rounding_steps,
         )
     finally:
         if bar is not None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from types import ModuleType
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -72,33 +72,70 @@ def _grouped(w: Any, spec: QuantSpec) -> Any:
     return w.reshape(out_features, in_features // spec.group_size, spec.group_size)
 
 
+Rounder = Callable[[Any], Any]
+"""Rounding to integers: ``xp.round``, or a straight-through version while learning rounding."""
+
+
+@dataclass(frozen=True)
+class Rounding:
+    """Learned rounding of one ``[out, in]`` weight (see :mod:`metal_marlin.rounding`).
+
+    ``offset`` (``[out, in]``, in ``[-0.5, 0.5]``) is added to ``w / scale`` before rounding,
+    so each weight may round the other way; ``min_ratio``/``max_ratio`` (``[out, in/group]``,
+    in ``[0, 1]``) shrink each group's minimum and maximum separately (the clip search's one
+    ratio shrinks both alike). All zero/one gives plain round-to-nearest.
+    """
+
+    offset: Any
+    min_ratio: Any
+    max_ratio: Any
+
+
 def affine_params(
-    w: Any, spec: QuantSpec, xp: ModuleType = np, clip_ratio: Any = None
+    w: Any, spec: QuantSpec, xp: ModuleType = np, clip_ratio: Any = None, rounding: Rounding | None = None,
+    rounder: Rounder | None = None,
 ) -> tuple[Any, Any]:
     """Scales and integer zero points for ``w [out, in]``: each ``[out, in/group]``, float32.
 
     ``clip_ratio`` (scalar or ``[out, in/group]``) shrinks each group's range towards zero
-    before the parameters are derived: the clip search's knob.
+    before the parameters are derived: the clip search's knob. ``rounding`` instead shrinks
+    the minimum and maximum by its own two ratios. ``rounder`` replaces ``xp.round`` (a
+    straight-through estimator keeps the result differentiable).
     """
+    rounder = rounder or xp.round
     g = _grouped(w.astype(xp.float32), spec)
     w_max = xp.maximum(g.max(axis=-1), 0.0)
     w_min = xp.minimum(g.min(axis=-1), 0.0)
-    if clip_ratio is not None:
+    if rounding is not None:
+        w_max = w_max * rounding.max_ratio
+        w_min = w_min * rounding.min_ratio
+    elif clip_ratio is not None:
         w_max = w_max * clip_ratio
         w_min = w_min * clip_ratio
     span = w_max - w_min
     scale = xp.where(span > 0, span / spec.max_code, 1.0)
     # Round to the stored precision first, so codes are chosen for the scale we keep.
     scale = xp.maximum(scale.astype(xp.float16).astype(xp.float32), _MIN_SCALE)
-    zero = xp.clip(xp.round(-w_min / scale), 0, spec.max_code)
+    zero = xp.clip(rounder(-w_min / scale), 0, spec.max_code)
     return scale, zero
 
 
-def quantize_codes(w: Any, scale: Any, zero: Any, spec: QuantSpec, xp: ModuleType = np) -> Any:
+def _float_codes(
+    w: Any, scale: Any, zero: Any, spec: QuantSpec, xp: ModuleType, rounding: Rounding | None, rounder: Rounder | None
+) -> Any:
+    """Codes of ``w`` as floats ``[out, in/group, group]``: ``clip(round(w/scale + offset) + zero)``."""
+    rounder = rounder or xp.round
+    t = _grouped(w.astype(xp.float32), spec) / scale[..., None]
+    if rounding is not None:
+        t = t + _grouped(rounding.offset, spec)
+    return xp.clip(rounder(t) + zero[..., None], 0, spec.max_code)
+
+
+def quantize_codes(
+    w: Any, scale: Any, zero: Any, spec: QuantSpec, xp: ModuleType = np, rounding: Rounding | None = None
+) -> Any:
     """Integer codes ``uint8 [out, in]`` of ``w`` for given scales and zero points."""
-    g = _grouped(w.astype(xp.float32), spec)
-    q = xp.clip(xp.round(g / scale[..., None]) + zero[..., None], 0, spec.max_code)
-    return q.astype(xp.uint8).reshape(w.shape)
+    return _float_codes(w, scale, zero, spec, xp, rounding, None).astype(xp.uint8).reshape(w.shape)
 
 
 def dequantize_codes(q: Any, scale: Any, zero: Any, spec: QuantSpec, xp: ModuleType = np) -> Any:
@@ -107,10 +144,18 @@ def dequantize_codes(q: Any, scale: Any, zero: Any, spec: QuantSpec, xp: ModuleT
     return ((g - zero[..., None]) * scale[..., None]).reshape(q.shape)
 
 
-def fake_quantize(w: Any, spec: QuantSpec, xp: ModuleType = np, clip_ratio: Any = None) -> Any:
-    """Quantize then dequantize ``w [out, in]`` (what the model will compute with)."""
-    scale, zero = affine_params(w, spec, xp, clip_ratio)
-    return dequantize_codes(quantize_codes(w, scale, zero, spec, xp), scale, zero, spec, xp)
+def fake_quantize(
+    w: Any, spec: QuantSpec, xp: ModuleType = np, clip_ratio: Any = None, rounding: Rounding | None = None,
+    rounder: Rounder | None = None,
+) -> Any:
+    """Quantize then dequantize ``w [out, in]`` (what the model will compute with).
+
+    With a straight-through ``rounder`` this is differentiable in ``rounding``'s arrays:
+    the function learned rounding descends on, the same one that makes the stored codes.
+    """
+    scale, zero = affine_params(w, spec, xp, clip_ratio, rounding, rounder)
+    q = _float_codes(w, scale, zero, spec, xp, rounding, rounder)
+    return ((q - zero[..., None]) * scale[..., None]).reshape(w.shape)
 
 
 def _check_packable(in_features: int, bits: int) -> None:
@@ -182,9 +227,9 @@ class QuantizedTensor:
 
 
 def quantize_tensor(
-    w: Any, spec: QuantSpec, xp: ModuleType = np, clip_ratio: Any = None
+    w: Any, spec: QuantSpec, xp: ModuleType = np, clip_ratio: Any = None, rounding: Rounding | None = None
 ) -> QuantizedTensor:
-    """Quantize ``w [out, in]`` (optionally with per-group clip ratios) and pack it."""
-    scale, zero = affine_params(w, spec, xp, clip_ratio)
-    q = quantize_codes(w, scale, zero, spec, xp)
+    """Quantize ``w [out, in]`` (optionally with per-group clip ratios, or learned rounding) and pack it."""
+    scale, zero = affine_params(w, spec, xp, clip_ratio, rounding)
+    q = quantize_codes(w, scale, zero, spec, xp, rounding)
     return QuantizedTensor(pack_codes(q, spec.bits, xp), scale, zero.astype(xp.uint8), spec)

@@ -273,6 +273,8 @@ def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, An
             "seq_len": body.seq_len,
             "n_grid": body.n_grid,
             "duo_scaling": body.duo_scaling,
+            "method": body.method,
+            "rounding_steps": body.rounding_steps,
         },
         "export_format": body.export_format,
     }

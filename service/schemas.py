@@ -151,6 +151,13 @@ class QuantizationJobCreate(BaseModel):
     seq_len: int = Field(512, ge=8, le=4096, description="Tokens per calibration sequence.")
     n_grid: int = Field(20, ge=1, le=100, description="Grid points of the scale search.")
     duo_scaling: bool = False
+    method: Literal["awq", "awq+round", "rtn"] = Field(
+        "awq",
+        description="`awq`: per-channel scale search and clipping. `awq+round`: AWQ, then learned rounding of every block "
+        "(signed gradient descent on the block's output error; kept only where it beats AWQ): closer to the original, "
+        "several times slower. `rtn`: plain round-to-nearest, the baseline.",
+    )
+    rounding_steps: int = Field(200, ge=1, le=2000, description="Learned-rounding steps per block (method `awq+round`).")
     export_format: ExportFormat = Field(
         "mlx",
         description="`mlx`: the native MLX-layout result. `autoawq`: also an AutoAWQ GEMM export of it, downloaded with "
@@ -173,6 +180,8 @@ class Hyperparameters(BaseModel):
     seq_len: int
     n_grid: int
     duo_scaling: bool
+    method: str = "awq"
+    rounding_steps: int = 200
 
 
 class SourceOut(BaseModel):

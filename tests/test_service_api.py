@@ -146,6 +146,12 @@ def test_create_job_defaults_and_group_size(client: TestClient) -> None:
     assert_error(client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "bits": 5}), 400, param="bits")
     assert_error(client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "salient_ratio": 0.7}), 400, param="salient_ratio")
     assert_error(client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "surprise": 1}), 400, param="surprise")
+    assert job["hyperparameters"]["method"] == "awq" and job["hyperparameters"]["rounding_steps"] == 200
+    learned = client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "method": "awq+round", "rounding_steps": 50})
+    assert learned.status_code == 200, learned.text
+    assert learned.json()["hyperparameters"]["method"] == "awq+round" and learned.json()["hyperparameters"]["rounding_steps"] == 50
+    assert_error(client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "method": "gptq"}), 400, param="method")
+    assert_error(client.post("/v1/quantization/jobs", headers=AUTH, json={**TINY, "rounding_steps": 0}), 400, param="rounding_steps")
 
 
 def test_job_sources_under_roots(client: TestClient, model_root: Path, tmp_path: Path) -> None:

@@ -127,6 +127,8 @@ def run_job(
         n_grid=hp["n_grid"],
         duo_scaling=hp.get("duo_scaling", False),
         progress=progress,
+        method=hp.get("method", "awq"),
+        rounding_steps=hp.get("rounding_steps", 200),
     )
     stats = _record_public_source(output, spec["model"], stats)
     if spec.get("export_format", "mlx") == "autoawq":
