@@ -32,6 +32,11 @@ class PerplexityResult:
     n_predicted_tokens: int
     window: int
     source: str
+    standard_error: float = float("nan")
+    """Of the perplexity: windows are the independent units (tokens within one are not), so it is
+    ``perplexity * std(window mean NLL) / sqrt(n_windows)``, the delta method on ``exp``; NaN for
+    one window. Two models on the same windows differ by more than noise when their gap is well
+    above this."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -75,7 +80,7 @@ def perplexity(
     batch_size: int = 4,
 ) -> PerplexityResult:
     """exp(mean negative log-likelihood) of ``windows`` under ``model`` (logits [B, L, V])."""
-    total_nll = 0.0
+    window_nll: list[np.ndarray] = []  # mean NLL of each window
     count = 0
     for start in range(0, windows.shape[0], batch_size):
         batch = mx.array(windows[start : start + batch_size])
@@ -83,10 +88,13 @@ def perplexity(
         targets = batch[:, 1:]
         log_probs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         nll = -mx.take_along_axis(log_probs, targets[..., None], axis=-1).squeeze(-1)
-        total_nll += float(mx.sum(nll).item())
+        window_nll.append(np.array(mx.mean(nll, axis=-1), dtype=np.float64))
         count += int(targets.size)
-    mean = total_nll / count
-    return PerplexityResult(math.exp(mean), mean, int(windows.shape[0]), count, int(windows.shape[1]), source)
+    per_window = np.concatenate(window_nll)
+    mean = float(per_window.mean())  # every window predicts the same number of tokens
+    ppl = math.exp(mean)
+    se = ppl * float(per_window.std(ddof=1)) / math.sqrt(per_window.size) if per_window.size > 1 else float("nan")
+    return PerplexityResult(ppl, mean, int(windows.shape[0]), count, int(windows.shape[1]), source, se)
 
 
 def evaluate_model(

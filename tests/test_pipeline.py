@@ -232,6 +232,24 @@ def test_perplexity_of_uniform_logits_is_the_vocabulary_size() -> None:
     result = perplexity(lambda tokens: mx.zeros((*tokens.shape, vocab)), np.zeros((3, 10), np.int32))
     assert result.perplexity == pytest.approx(vocab, rel=1e-5)
     assert result.n_predicted_tokens == 27
+    assert result.standard_error == pytest.approx(0.0, abs=1e-6)  # every window alike
+
+
+def test_perplexity_standard_error_treats_windows_as_the_samples() -> None:
+    """Window w's logits favour nothing (NLL log 8) or its target strongly; the standard error is
+    the delta method over the four window means, not over the 36 tokens."""
+    windows = np.array([[1] * 10, [2] * 10, [3] * 10, [4] * 10], np.int32)
+    boost = {1: 0.0, 2: 2.0, 3: 0.0, 4: 2.0}
+
+    def model(tokens: mx.array) -> mx.array:
+        rows = [mx.zeros((tokens.shape[1], 8)).at[:, int(r[0].item())].add(boost[int(r[0].item())]) for r in tokens]
+        return mx.stack(rows)
+
+    result = perplexity(model, windows, batch_size=3)
+    per_window = np.array([np.log(8) if b == 0 else np.log(7 + np.exp(b)) - b for b in boost.values()])
+    assert result.mean_nll == pytest.approx(per_window.mean(), rel=1e-5)
+    expected = np.exp(per_window.mean()) * per_window.std(ddof=1) / 2
+    assert result.standard_error == pytest.approx(expected, rel=1e-4)
 
 
 def test_cli_reports_user_errors_in_one_line(capsys, tmp_path: Path) -> None:
