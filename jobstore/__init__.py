@@ -2,8 +2,9 @@
 service (which creates and reads jobs) and the worker (which claims and finishes them).
 
 :class:`JobStore` is the interface (:mod:`jobstore.base`); :func:`open_store` picks the
-backend. Today that is the SQLite file in the data directory. This package imports neither
-MLX nor FastAPI.
+backend: the SQLite file in the data directory by default, a Postgres database when
+``MM_DATABASE_URL`` names one (several gateways and worker hosts then share it). This package
+imports neither MLX nor FastAPI; psycopg only when Postgres is selected.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from jobstore.records import (
     new_job_id,
     parse_event_id,
 )
+from jobstore.redact import redact_url
 from jobstore.sqlite import SQLiteJobStore
 
 
@@ -42,6 +44,9 @@ DEFAULT_MAX_ATTEMPTS = 3
 MAX_ATTEMPTS_ENV = "MM_JOB_MAX_ATTEMPTS"
 #: The disk quota for uploads and results together, in bytes (unset: none).
 MAX_DATA_BYTES_ENV = "MM_MAX_DATA_BYTES"
+#: A ``postgresql://`` (or ``postgres://``) URL selects the Postgres job store; unset: SQLite.
+DATABASE_URL_ENV = "MM_DATABASE_URL"
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def job_max_attempts() -> int:
@@ -59,13 +64,33 @@ def job_max_attempts() -> int:
 
 
 def open_store(data_dir: str | os.PathLike[str]) -> JobStore:
-    """The job store of a data directory."""
-    return SQLiteJobStore.in_data_dir(data_dir)
+    """The job store: Postgres when ``MM_DATABASE_URL`` is set, else the SQLite file of ``data_dir``.
+
+    The service, the worker and the worker's job processes all open it here, and the worker
+    inherits the service's environment, so they agree on the backend. A URL of another scheme,
+    one that does not parse, or a missing psycopg raise ``ValueError`` naming the variable; an
+    unreachable server raises ``ConnectionError``. The password never appears in either.
+    """
+    url = os.environ.get(DATABASE_URL_ENV, "").strip()
+    if not url:
+        return SQLiteJobStore.in_data_dir(data_dir)
+    if not url.lower().startswith(POSTGRES_SCHEMES):
+        raise ValueError(
+            f"{DATABASE_URL_ENV} must be a postgresql:// (or postgres://) URL, got {redact_url(url)!r}; "
+            "unset it to keep jobs in the data directory's SQLite file"
+        )
+    try:
+        from jobstore.postgres import PostgresJobStore
+    except ImportError as exc:
+        raise ValueError(
+            f"{DATABASE_URL_ENV} selects the Postgres job store, which needs psycopg 3: pip install 'metal-marlin[postgres]' ({exc})"
+        ) from exc
+    return PostgresJobStore(url, setting=DATABASE_URL_ENV)
 
 
 __all__ = [
     "EVENT_ID_PREFIX", "FILE_ID_PREFIX", "FILE_PURPOSES", "JOB_ID_PREFIX", "JOB_STATUSES", "TERMINAL_STATUSES",
-    "DEFAULT_MAX_ATTEMPTS", "MAX_ATTEMPTS_ENV", "MAX_DATA_BYTES_ENV", "job_max_attempts",
+    "DATABASE_URL_ENV", "DEFAULT_MAX_ATTEMPTS", "MAX_ATTEMPTS_ENV", "MAX_DATA_BYTES_ENV", "POSTGRES_SCHEMES", "job_max_attempts",
     "FileInUse", "IdempotencyConflict", "Job", "JobEvent", "JobStateError", "JobStore", "OwnerLimit", "QueueFull", "Recovery",
     "SQLiteJobStore", "StoredFile", "fingerprint", "is_file_id", "is_job_id", "new_file_id", "new_job_id",
     "open_store", "parse_event_id",

@@ -1,18 +1,21 @@
 """The job store's interface: what the service and the worker may ask of any backend.
 
-One implementation today (:class:`jobstore.sqlite.SQLiteJobStore`, the embedded default); a
-second backend (a shared database for several gateways and workers) implements the same
-methods with the same guarantees:
+Two implementations: :class:`jobstore.sqlite.SQLiteJobStore` (the embedded default) and
+:class:`jobstore.postgres.PostgresJobStore` (one database shared by several gateways and
+worker hosts). Both implement the same methods with the same guarantees:
 
 - every transition a stale process could race is conditional: a worker may only record
   progress for, finish, or requeue a job that is still ``running`` under its claim token;
 - ``claim`` hands one queued job to exactly one worker;
 - ``create_job`` with an idempotency key is atomic with the key's record;
-- ids sort by creation, so list cursors stay valid when the row they name is deleted.
+- ids sort by creation, so list cursors stay valid when the row they name is deleted;
+- a job's event ids increase in the order they become visible, so a follower that passes the
+  last id it saw as ``after`` never misses one.
 """
 
 from __future__ import annotations
 
+import asyncio
 from abc import ABC, abstractmethod
 from typing import Any
 
@@ -58,6 +61,19 @@ class JobStore(ABC):
     def events(self, job_id: str, *, after: int | None = None, limit: int = 20) -> tuple[list[JobEvent], bool]:
         """Oldest first after the event id ``after``: ``(events, has_more)``."""
 
+    async def wait_for_events(self, job_id: str, *, after: int | None, timeout_s: float) -> bool:
+        """Wait until ``job_id`` may have an event after the id ``after``, at most ``timeout_s``.
+
+        True: woken early because one was written; False: the time ran out. Either way the
+        caller re-reads :meth:`events` (a wake-up is a hint, not a delivery). This default has
+        no wake-up channel and just sleeps, so its callers poll every ``timeout_s``; a backend
+        with one (Postgres ``LISTEN``) returns as soon as the event is committed. A coroutine,
+        because the gateway follows events on its event loop: a thread blocked per follower
+        would soon exhaust the thread pool every other request needs.
+        """
+        await asyncio.sleep(timeout_s)
+        return False
+
     @abstractmethod
     def request_cancel(self, job_id: str) -> Job:
         """Queued: cancelled now; running: flagged. ``KeyError``, ``JobStateError`` when finished."""
@@ -68,7 +84,7 @@ class JobStore(ABC):
 
     @abstractmethod
     def recover_running(self, reason: str, *, code: str, max_attempts: int, worker: str | None = None) -> Recovery:
-        """Settle the running jobs of a process that is gone, by the retry policy (see the SQLite store)."""
+        """Settle the running jobs of a process that is gone, by the retry policy (see :mod:`jobstore.sql`)."""
 
     # -- jobs: the worker's side ------------------------------------------------------
     @abstractmethod

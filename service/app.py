@@ -63,6 +63,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
                 await state.supervisor.stop()
             else:
                 await state.supervisor.client.aclose()
+            state.store.close()  # a Postgres store's pool and listener (SQLite: this thread's connection)
 
     app = FastAPI(
         title="metal-marlin",

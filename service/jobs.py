@@ -23,7 +23,6 @@ text/event-stream``) follows them live as Server-Sent Events until the job ends.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import time
@@ -49,7 +48,7 @@ from jobstore import (
     parse_event_id,
 )
 from jobstore.layout import format_dir, jobs_dir, remove_tree, result_dir
-from metal_marlin.assets import BUILTIN_MODEL_NAME
+from metal_marlin.assets import BUILTIN_MODEL_NAME, BUILTIN_MODELS, builtin_model_path
 from service.auth import request_owner, require_api_key
 from service.downloads import file_download
 from service.errors import APIError, error_responses, sse_error
@@ -92,7 +91,7 @@ def _job_or_404(state: ServiceState, job_id: str) -> Job:
 
 def _model_name(model: dict[str, Any]) -> str:
     if model["source"] == "builtin":
-        return BUILTIN_MODEL_NAME
+        return model.get("name", BUILTIN_MODEL_NAME)
     if model["source"] == "file":
         return model["file_id"]
     return model["path"]
@@ -170,8 +169,8 @@ def model_source_for_name(name: str, state: ServiceState) -> ModelSourceObject:
     the worker, which reads it) is exactly what sending that object gives. Names are the ids
     ``GET /v1/models`` lists, then upload ids. A job id is refused with 400 (its result is
     quantized, and ``open_checkpoint`` only reads float checkpoints); anything else is 404."""
-    if name == BUILTIN_MODEL_NAME:
-        return BuiltinModelSource()
+    if name in BUILTIN_MODELS:
+        return BuiltinModelSource(name=name)
     served = state.settings.served_models.get(name)
     if served is not None:
         return PathModelSource(source="path", path=_served_model_path(name, served, state.settings.roots))
@@ -188,7 +187,7 @@ def model_source_for_name(name: str, state: ServiceState) -> ModelSourceObject:
         )
     raise APIError(
         404,
-        f"no model {name!r} to quantize: model takes the built-in model's name ({BUILTIN_MODEL_NAME!r}), a served "
+        f"no model {name!r} to quantize: model takes a built-in model's name ({', '.join(map(repr, BUILTIN_MODELS))}), a served "
         "model's name (GET /v1/models), an uploaded model's file id (file-...), or an object with source "
         "'builtin', 'path' or 'file'",
         param="model",
@@ -215,6 +214,8 @@ def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, An
         source = model_source_for_name(body.model, state) if isinstance(body.model, str) else body.model
         if source.source == "builtin":
             model: dict[str, Any] = {"source": "builtin"}
+            if source.name != BUILTIN_MODEL_NAME:  # the default's spec stays as it always was
+                model["name"] = source.name
             model_path = None
         elif source.source == "file":
             _, model_path = resolve_file_source(state.store, data_dir, source.file_id, purpose="model", param=file_param)
@@ -239,6 +240,8 @@ def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, An
         raise APIError(400, exc.message, param=exc.param, code=exc.code) from exc
 
     try:
+        if model.get("name"):  # a built-in model other than the default (assembled on first use)
+            model_path = builtin_model_path(model["name"])
         widths = model_widths(model_path)
     except FileNotFoundError as exc:  # the built-in model's package is not installed
         raise APIError(400, str(exc), param="model", code="model_not_available") from exc
@@ -400,9 +403,11 @@ async def follow_events(
     keepalive_s: float = EVENT_KEEPALIVE_S,
     max_s: float = EVENT_STREAM_MAX_S,
 ) -> AsyncIterator[bytes]:
-    """A job's events as SSE (``id:`` + ``data:`` per event), polled from the store as they
-    are written, then ``data: [DONE]`` once the job has ended. Ends without ``[DONE]`` after
-    ``max_s`` (the client resumes with ``after`` or ``Last-Event-ID``)."""
+    """A job's events as SSE (``id:`` + ``data:`` per event), read from the store as they
+    are written, then ``data: [DONE]`` once the job has ended. Between reads the stream waits
+    for the store to announce a new event (Postgres ``LISTEN``), at most ``poll_s`` (all an
+    SQLite store can do: it polls). Ends without ``[DONE]`` after ``max_s`` (the client
+    resumes with ``after`` or ``Last-Event-ID``)."""
     started = last_sent = time.monotonic()
     while True:
         job = await run_in_threadpool(store.get, job_id)  # before the events: a finished job's last event is already in
@@ -425,7 +430,7 @@ async def follow_events(
         if now - last_sent >= keepalive_s:
             yield b": keepalive\n\n"
             last_sent = now
-        await asyncio.sleep(poll_s)
+        await store.wait_for_events(job_id, after=after, timeout_s=poll_s)
 
 
 @router.get(

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             model_roots=args.model_roots, served_models=args.served_models, worker_url=args.worker_url, worker_memory_mb=args.worker_memory_mb,
             run_jobs=False if args.no_jobs else None, log_level=args.log_level,
         )
-    except ValueError as exc:  # bad MM_* settings or --model entries
+    except (ValueError, ConnectionError) as exc:  # bad MM_* settings or --model entries, MM_DATABASE_URL unreachable
         print(f"service: error: {exc}", file=sys.stderr)
         return 2
     return 0

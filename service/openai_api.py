@@ -39,7 +39,7 @@ from starlette.types import Receive, Scope, Send
 
 from jobstore import Job, is_job_id
 from jobstore.layout import holds_weights, result_dir
-from metal_marlin.assets import BUILTIN_MODEL_NAME, builtin_model_path
+from metal_marlin.assets import BUILTIN_MODELS, builtin_model_installed, builtin_model_path, installed_builtin_models
 from service.auth import require_api_key
 from service.errors import APIError, error_responses, sse_error
 from service.relay import GenerationTimeout, Item, WorkerGenerations
@@ -75,8 +75,8 @@ def _file_card(model_id: str, locate: Callable[[], Any]) -> ModelCard:
     return ModelCard(id=model_id, created=created, owned_by=OWNER)
 
 
-def _builtin_card() -> ModelCard:
-    return _file_card(BUILTIN_MODEL_NAME, builtin_model_path)
+def _builtin_card(name: str) -> ModelCard:
+    return _file_card(name, lambda: builtin_model_path(name))
 
 
 def _served_card(name: str, path: Any) -> ModelCard:
@@ -94,9 +94,10 @@ def _job_files_present(state: ServiceState, job: Job) -> bool:
 
 
 def _known_models(state: ServiceState) -> list[ModelCard]:
-    """The built-in model, the operator's served models (``--model``), then succeeded jobs;
-    models whose files are gone are left out (they cannot be used)."""
-    cards = [_builtin_card()]
+    """The built-in models whose packages are installed (the default first), the operator's
+    served models (``--model``), then succeeded jobs; models whose files are gone are left
+    out (they cannot be used)."""
+    cards = [_builtin_card(name) for name in installed_builtin_models()]
     cards += [_served_card(name, path) for name, path in state.settings.served_models.items() if path.exists()]
     cards += [_job_card(job) for job in state.store.succeeded_jobs() if _job_files_present(state, job)]
     return cards
@@ -105,8 +106,10 @@ def _known_models(state: ServiceState) -> list[ModelCard]:
 def _model_card(state: ServiceState, model_id: str) -> ModelCard:
     """The card of a model requests may name; 404 (param ``model``) for any other id, 409
     ``model_files_missing`` for a known one whose files were removed from disk."""
-    if model_id == BUILTIN_MODEL_NAME:
-        return _builtin_card()
+    if model_id in BUILTIN_MODELS:
+        if not builtin_model_installed(model_id):
+            raise APIError(404, f"the model {model_id!r} is not installed on this server", param="model", code="model_not_found")
+        return _builtin_card(model_id)
     served = state.settings.served_models.get(model_id)
     if served is not None:
         card, present, where = _served_card(model_id, served), served.exists(), served

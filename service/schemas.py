@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 
 from jobstore import FILE_PURPOSES, JOB_STATUSES
 from jobstore.layout import EXPORT_FORMATS
+from metal_marlin.assets import BUILTIN_MODEL_NAME, BUILTIN_MODELS
 
 # ---------------------------------------------------------------------------------------
 # Quantization jobs
@@ -16,11 +17,18 @@ PathStr = Annotated[str, Field(min_length=1, max_length=4096)]
 FileIdStr = Annotated[str, Field(pattern=r"^file-[0-9a-f]{24}$", description="The id of an uploaded file (POST /v1/files)")]
 
 
+BuiltinModelName = Literal[tuple(BUILTIN_MODELS)]  # type: ignore[valid-type]
+
+
 class BuiltinModelSource(BaseModel):
-    """The built-in SmolLM2-135M-Instruct."""
+    """A built-in model: SmolLM2-135M-Instruct by default, or another by ``name``."""
 
     model_config = ConfigDict(extra="forbid")
     source: Literal["builtin"] = "builtin"
+    name: BuiltinModelName = Field(
+        default=BUILTIN_MODEL_NAME,
+        description="Which built-in model (GET /v1/models lists those installed on this server)",
+    )
 
 
 class PathModelSource(BaseModel):

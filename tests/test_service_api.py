@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from jobstore import open_store
+from metal_marlin.assets import installed_builtin_models
 from service.app import create_app
 from service.config import Settings
 
@@ -216,7 +217,7 @@ def test_job_lifecycle_routes_without_worker(client: TestClient, settings: Setti
     store.finish(done.id, "test-worker", "succeeded", result={"files": [{"filename": "config.json", "bytes": 2}, {"filename": "model.safetensors", "bytes": 7}], "stats": {}}, message="ok")
     got = client.get(f"/v1/quantization/jobs/{done.id}", headers=AUTH).json()
     assert got["status"] == "succeeded" and got["result_model"] == done.id
-    assert [m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]] == ["smollm2-135m-instruct", done.id]
+    assert [m["id"] for m in client.get("/v1/models", headers=AUTH).json()["data"]] == [*installed_builtin_models(), done.id]
     result = client.get(f"/v1/quantization/jobs/{done.id}/result", headers=AUTH)
     assert result.content == b"weights" and result.headers["content-length"] == "7"
     assert client.get(f"/v1/quantization/jobs/{done.id}/result", headers=AUTH, params={"file": "config.json"}).json() == {}
@@ -339,7 +340,7 @@ def test_served_models_are_listed_and_requestable(tmp_path: Path, model_root: Pa
     settings = Settings(data_dir=tmp_path / "data", api_key=KEY, served_models=[f"tiny-local={model_root / 'tiny'}"])
     with TestClient(create_app(settings, start_worker=False)) as c:
         ids = [m["id"] for m in c.get("/v1/models", headers=AUTH).json()["data"]]
-        assert ids == ["smollm2-135m-instruct", "tiny-local"]
+        assert ids == [*installed_builtin_models(), "tiny-local"]  # the built-ins first, the default at the head
         card = c.get("/v1/models/tiny-local", headers=AUTH).json()
         assert card["object"] == "model" and card["created"] > 0 and str(model_root) not in json.dumps(card)
         # known: gets as far as the (absent) worker; unknown names and paths are 404

@@ -279,6 +279,27 @@ def test_openai_client_completions_and_chat(server: Server) -> None:
     assert seeded[0] == seeded[1]
 
 
+def test_gemma3_builtin_serves_chat_completions(server: Server) -> None:
+    """The second built-in model, Gemma 3 270M (when its package is installed): listed, and
+    served over /v1/chat/completions with its own chat template and end-of-turn token."""
+    from conftest import require_gemma3
+
+    require_gemma3()
+    gemma = "gemma-3-270m"
+    assert [m["id"] for m in server.http.get("/v1/models").json()["data"]][:2] == [BUILTIN, gemma]
+    resp = server.http.post("/v1/chat/completions", json={
+        "model": gemma, "messages": [{"role": "user", "content": "Name the capital of France."}], "max_tokens": 3, "temperature": 0,
+    })
+    assert resp.status_code == 200, resp.text
+    body = resp.json()
+    assert body["model"] == gemma and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["usage"]["prompt_tokens"] == 15 and 1 <= body["usage"]["completion_tokens"] <= 3  # <bos> + Gemma's turn format
+    forced = server.http.post("/v1/chat/completions", json={
+        "model": gemma, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 5, "temperature": 0, "logit_bias": {"106": 100},
+    }).json()
+    assert forced["choices"][0]["finish_reason"] == "stop" and forced["usage"]["completion_tokens"] == 1  # <end_of_turn> ends it
+
+
 def test_openai_client_errors(server: Server) -> None:
     with pytest.raises(openai.AuthenticationError):
         server.openai(api_key="wrong").models.list()
@@ -593,7 +614,9 @@ def test_served_autoawq_folder_generates_like_the_native_folder(tmp_path_factory
     try:
         srv.start(jobs=False)
         ids = [m["id"] for m in srv.http.get("/v1/models").json()["data"]]
-        assert ids == [BUILTIN, "native", "awq"], ids
+        from metal_marlin.assets import installed_builtin_models
+
+        assert ids == [*installed_builtin_models(), "native", "awq"], ids
         completion, chat = {}, {}
         for name in ("native", "awq"):
             resp = srv.http.post("/v1/completions", json={"model": name, "prompt": "The capital of France is", "max_tokens": 8, "temperature": 0})

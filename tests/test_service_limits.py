@@ -23,6 +23,7 @@ from fastapi import FastAPI
 from starlette.requests import ClientDisconnect
 
 from jobstore import open_store
+from metal_marlin.assets import installed_builtin_models
 from service.app import create_app
 from service.config import Settings
 from service.state import ServiceState
@@ -345,7 +346,7 @@ def test_a_served_model_whose_path_was_deleted_is_409_and_unlisted(tmp_path: Pat
     async def scenario(c: httpx.AsyncClient) -> None:
         assert "gone" in [m["id"] for m in (await c.get("/v1/models")).json()["data"]]
         shutil.rmtree(folder)
-        assert [m["id"] for m in (await c.get("/v1/models")).json()["data"]] == [BUILTIN]
+        assert [m["id"] for m in (await c.get("/v1/models")).json()["data"]] == installed_builtin_models()
         _assert_files_missing(await c.get("/v1/models/gone"), "gone", tmp_path)
         _assert_files_missing(await c.post("/v1/completions", json={**COMPLETION, "model": "gone"}), "gone", tmp_path)
         _assert_files_missing(await c.post("/v1/chat/completions", json={**CHAT, "model": "gone", "stream": True}), "gone", tmp_path)

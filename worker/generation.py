@@ -1,6 +1,7 @@
 """Models for generation: loaded on first use, evicted least-recently-used under a memory budget.
 
-A model id is the built-in model's name (``smollm2-135m-instruct``), the id of a succeeded
+A model id is a built-in model's name (``smollm2-135m-instruct``, the default, or
+``gemma-3-270m`` where its package is installed), the id of a succeeded
 quantization job (its folder ``<data>/jobs/<id>/``), or the name of a model the operator
 registered (``--model NAME=PATH``, see :mod:`worker.served`). Each loaded model is an
 :class:`~metal_marlin.generate.engine.Engine` with its own
@@ -30,7 +31,7 @@ from typing import Any
 from jobstore import JobStore, is_job_id
 from jobstore.layout import holds_weights, result_dir
 from metal_marlin import device
-from metal_marlin.assets import BUILTIN_MODEL_NAME, builtin_model_path
+from metal_marlin.assets import BUILTIN_MODEL_NAME, BUILTIN_MODELS, builtin_model_installed, builtin_model_path
 
 log = logging.getLogger("metal_marlin.worker.models")
 
@@ -126,10 +127,15 @@ class ModelRegistry:
 
     # -- lookup ---------------------------------------------------------------------------
     def resolve(self, model_id: str) -> Path | None:
-        """Path to load for ``model_id`` (None: the built-in model); ModelNotFound for an
-        unknown id, ModelFilesMissing for a known one whose files were removed."""
+        """Path to load for ``model_id`` (None: the default built-in model); ModelNotFound
+        for an unknown id (a built-in model whose package is not installed included),
+        ModelFilesMissing for a known one whose files were removed."""
         if model_id == BUILTIN_MODEL_NAME:
             return None
+        if model_id in BUILTIN_MODELS:
+            if not builtin_model_installed(model_id):
+                raise ModelNotFound(f"the model {model_id!r} does not exist (its package is not installed on this server)")
+            return builtin_model_path(model_id)
         path, present = None, False
         if model_id in self.served:
             path = self.served[model_id]

@@ -31,7 +31,7 @@ from typing import Any
 
 from jobstore import JobStore, open_store
 from jobstore.layout import format_dir
-from metal_marlin.assets import BUILTIN_MODEL_NAME
+from metal_marlin.assets import BUILTIN_MODEL_NAME, builtin_model_path
 from worker.proc import die_with_parent
 from worker.sources import SourceError, parse_roots, resolve_file_source, resolve_under_roots
 
@@ -85,6 +85,8 @@ def run_job(
     hp = spec["hyperparameters"]
     if spec["model"].get("source") == "file":
         _, model_path = resolve_file_source(store, data_dir, spec["model"]["file_id"], purpose="model", param="model.file_id")
+    elif spec["model"].get("name"):  # a built-in model other than the default
+        model_path = builtin_model_path(spec["model"]["name"])
     else:
         model_path = _source_path(spec["model"], roots, "model.path", "model")
     text_path, activations_path = _calibration_paths(store, data_dir, spec.get("calibration") or {"source": "builtin"}, roots)
@@ -141,7 +143,7 @@ def _record_public_source(output: Path, model: dict[str, Any], stats: dict[str, 
     the model roots, the upload id), not by the server's paths; the staging folder it was
     written to means nothing once the result is published, so it is dropped."""
     kind = model.get("source", "builtin")
-    public = {"builtin": f"builtin:{BUILTIN_MODEL_NAME}", "path": f"models:{model.get('path')}", "file": f"file:{model.get('file_id')}"}
+    public = {"builtin": f"builtin:{model.get('name', BUILTIN_MODEL_NAME)}", "path": f"models:{model.get('path')}", "file": f"file:{model.get('file_id')}"}
     stats = {**stats, "model_path": public.get(kind, kind)}
     stats.pop("output_path", None)
     path = output / "quant_stats.json"

@@ -9,7 +9,7 @@ are not bounded by the model roots.
 Syntax: each entry is ``NAME=PATH`` (split at the first ``=``). ``--model`` repeats;
 ``MM_SERVED_MODELS`` holds entries separated by ``os.pathsep`` (``:`` on macOS/Linux), like
 ``MM_MODEL_ROOTS``. Names are 1-64 characters of ``A-Z a-z 0-9 . _ -`` starting with a letter
-or digit, must differ from each other and from the built-in model's name, and must not start
+or digit, must differ from each other and from the built-in models' names, and must not start
 with ``qjob-`` (job ids are model ids too). Paths must exist when the service starts.
 
 Pure Python (no MLX): the service imports it.
@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from jobstore import JOB_ID_PREFIX
-from metal_marlin.assets import BUILTIN_MODEL_NAME
+from metal_marlin.assets import BUILTIN_MODELS
 
 ENV_VAR = "MM_SERVED_MODELS"
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -59,8 +59,8 @@ def check_served_name(name: str) -> None:
             f"served model name {name!r} is invalid: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit"
         )
-    if name == BUILTIN_MODEL_NAME:
-        raise ServedModelError(f"served model name {name!r} is the built-in model's name; choose another")
+    if name in BUILTIN_MODELS:
+        raise ServedModelError(f"served model name {name!r} is a built-in model's name; choose another")
     if name.lower().startswith(JOB_ID_PREFIX):
         raise ServedModelError(f"served model name {name!r} must not start with {JOB_ID_PREFIX!r} (quantization job ids are model ids)")
 

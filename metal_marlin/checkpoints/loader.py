@@ -1,4 +1,8 @@
-"""One entry point from a path to a ready ``LlamaModel``.
+"""One entry point from a path to a ready model (``LlamaModel`` or ``Gemma3Model``).
+
+The architecture comes from the checkpoint (GGUF ``general.architecture``, ``config.json``
+``model_type``; see :mod:`metal_marlin.models.registry`). A built-in model's name stands for
+its file (:func:`metal_marlin.assets.resolve_model_path`).
 
 Accepts a ``.gguf`` file (dequantized to float), a Hugging Face folder, an MLX-layout
 quantized folder (ours or mlx-lm's: ``config.json`` has ``"quantization"``; ours may add
@@ -19,9 +23,10 @@ import mlx.core as mx
 import numpy as np
 from mlx.utils import tree_flatten
 
-from ..assets import builtin_model_path
+from ..assets import BUILTIN_MODEL_NAME, builtin_model_path, resolve_model_path
 from ..models.layers import quantize_model_layers
-from ..models.llama import LlamaConfig, LlamaModel
+from ..models.llama import LlamaModel
+from ..models.registry import ModelConfig, config_from_hf_dict, model_for_config
 from .autoawq import autoawq_quantization, awq_to_native_weights
 from .gguf_reader import GGUFCheckpoint, read_gguf
 from .hf import SafetensorsFolder, read_hf_config, read_hf_metadata, read_hf_weights
@@ -30,13 +35,19 @@ from .hf import SafetensorsFolder, read_hf_config, read_hf_metadata, read_hf_wei
 class LoadedModel(NamedTuple):
     """``(model, config, metadata)``; unpacks like the plain tuple."""
 
-    model: LlamaModel
-    config: LlamaConfig
+    model: LlamaModel  # or a subclass: Gemma3Model
+    config: ModelConfig
     metadata: dict[str, Any]
 
 
 def _is_floating(a: mx.array) -> bool:
     return mx.issubdtype(a.dtype, mx.floating)
+
+
+def compute_dtype(model: LlamaModel, dtype: mx.Dtype) -> mx.Dtype:
+    """``dtype``, except that a float16 request gets the architecture's 16-bit float
+    (``half_dtype``: bfloat16 for Gemma 3, whose activations overflow float16)."""
+    return getattr(model, "half_dtype", mx.float16) if dtype == mx.float16 else dtype
 
 
 def _model_tensors(weights: Mapping[str, mx.array | np.ndarray], dtype: mx.Dtype) -> dict[str, mx.array]:
@@ -46,21 +57,22 @@ def _model_tensors(weights: Mapping[str, mx.array | np.ndarray], dtype: mx.Dtype
 
 
 def build_model(
-    config: LlamaConfig,
+    config: ModelConfig,
     weights: Mapping[str, mx.array | np.ndarray],
     *,
     quantization: Mapping[str, Any] | None = None,
     dtype: mx.Dtype = mx.float32,
 ) -> LlamaModel:
-    """Instantiate a model and load ``weights`` (HF names) into it, strictly.
+    """Instantiate ``config``'s architecture and load ``weights`` (HF names) into it, strictly.
 
-    Floating tensors are cast to ``dtype``; packed uint32 weights and int indices are kept.
+    Floating tensors are cast to ``dtype`` (float16: see :func:`compute_dtype`); packed
+    uint32 weights and int indices are kept.
     Layers with ``<path>.scales`` in ``weights`` become quantized (``quantization`` holds
     the config's ``group_size``/``bits`` and per-layer overrides). Every parameter must be
     provided and every tensor used, so a wrong checkpoint fails here, not at inference.
     """
-    model = LlamaModel(config)
-    tensors = _model_tensors(model.sanitize(weights), dtype)
+    model = model_for_config(config)
+    tensors = _model_tensors(model.sanitize(weights), compute_dtype(model, dtype))
     if quantization is not None or any(k.endswith(".scales") for k in tensors):
         quantize_model_layers(model, dict(quantization or {}), tensors)
     model.load_weights(list(tensors.items()), strict=True)
@@ -89,7 +101,7 @@ def load_hf_folder(folder: str | Path, dtype: mx.Dtype = mx.float32) -> LoadedMo
     """Load a Hugging Face / MLX folder (``config.json`` + safetensors)."""
     folder = Path(folder)
     raw = read_hf_config(folder)
-    config = LlamaConfig.from_hf_dict(raw)
+    config = config_from_hf_dict(raw)
     awq = autoawq_quantization(raw)
     quant = None if awq is not None else _quantization(raw)
     weights = read_hf_weights(folder)
@@ -112,7 +124,7 @@ def _hf_metadata(
 
 
 def load_gguf(path: str | Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
-    """Load a llama GGUF file, dequantized to float (see ``gguf_reader``)."""
+    """Load a GGUF file, dequantized to float (see ``gguf_reader``)."""
     config, weights, metadata = read_gguf(path)
     model = build_model(config, weights, dtype=dtype)
     return LoadedModel(model, config, metadata)
@@ -126,15 +138,16 @@ def _looks_like_gguf(path: Path) -> bool:
 
 
 def load_model(path: str | Path, dtype: mx.Dtype = mx.float32) -> LoadedModel:
-    """Load a ``.gguf`` file or a model folder; returns ``(model, config, metadata)``.
+    """Load a ``.gguf`` file, a model folder or a built-in model by name; returns
+    ``(model, config, metadata)``.
 
     metadata keys: ``source``, ``format`` ("gguf" | "hf"), ``quantization`` (the MLX
     ``{"group_size", "bits", ...}`` dict or None; for an AutoAWQ folder, its MLX
     equivalent), ``chat_template``, ``bos_token_id``, ``eos_token_id`` (first id),
     ``eos_token_ids`` (all), ``context_length``; GGUF adds ``gguf_tokenizer`` (the
-    ``tokenizer.ggml.*`` fields), HF adds ``salient_layers``.
+    ``tokenizer.ggml.*`` fields) and ``architecture``, HF adds ``salient_layers``.
     """
-    path = Path(path)
+    path = resolve_model_path(path)
     if _is_folder(path):
         return load_hf_folder(path, dtype)
     return load_gguf(path, dtype)
@@ -151,9 +164,9 @@ def _is_folder(path: Path) -> bool:
     raise ValueError(f"{path}: expected a .gguf file or a folder with config.json")
 
 
-def load_builtin_model(dtype: mx.Dtype = mx.float32) -> LoadedModel:
-    """The built-in SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized)."""
-    return load_model(builtin_model_path(), dtype)
+def load_builtin_model(dtype: mx.Dtype = mx.float32, name: str = BUILTIN_MODEL_NAME) -> LoadedModel:
+    """A built-in model, dequantized (default: SmolLM2-135M-Instruct, Q4_1 GGUF)."""
+    return load_model(builtin_model_path(name), dtype)
 
 
 # ------------------------------------------------------------------ one block at a time
@@ -171,24 +184,25 @@ class TensorSource(Protocol):
 class LazyCheckpoint(NamedTuple):
     """A float checkpoint opened without reading its tensors (see ``open_checkpoint``)."""
 
-    config: LlamaConfig
+    config: ModelConfig
     metadata: dict[str, Any]
     tensors: TensorSource
 
 
 def open_checkpoint(path: str | Path | None = None) -> LazyCheckpoint:
-    """Open a float ``.gguf`` file or Hugging Face folder (None: the built-in model) lazily.
+    """Open a float ``.gguf`` file or Hugging Face folder lazily (None: the default built-in
+    model; a built-in model's name: that model).
 
     Config and metadata are ``load_model``'s; each tensor is read (a GGUF tensor
     dequantized) only when ``tensors.tensor(name)`` asks for it. Quantized folders are
     refused: this is the input of quantization.
     """
-    path = builtin_model_path() if path is None else Path(path)
+    path = resolve_model_path(path)
     if not _is_folder(path):
         gguf_file = GGUFCheckpoint(path)
         return LazyCheckpoint(gguf_file.config, gguf_file.metadata, gguf_file)
     raw = read_hf_config(path)
-    config = LlamaConfig.from_hf_dict(raw)
+    config = config_from_hf_dict(raw)
     if autoawq_quantization(raw) is not None or _quantization(raw) is not None:
         raise ValueError(f"{path} is already quantized; quantize a float (fp32/fp16/bf16) checkpoint")
     source = SafetensorsFolder(path)
@@ -209,7 +223,8 @@ def build_model_lazily(
     take no memory. Tensor names go through ``model.sanitize`` and must match the model's
     parameters exactly, as in ``build_model``; shapes are checked as each part loads.
     """
-    model = LlamaModel(checkpoint.config)
+    model = model_for_config(checkpoint.config)
+    dtype = compute_dtype(model, dtype)
     names = list(model.sanitize(dict.fromkeys(checkpoint.tensors.names)))
     expected = {k for k, _ in tree_flatten(model.parameters())}
     if extra := sorted(set(names) - expected):

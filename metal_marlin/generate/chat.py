@@ -4,8 +4,9 @@ Templates come from model files written by third parties, so they run in jinja2'
 sandbox (no attribute access to Python internals, no mutation of our objects). The variables
 and helpers offered are the ones Hugging Face templates expect: ``messages``,
 ``add_generation_prompt``, ``bos_token``, ``eos_token``, ``tools``, ``raise_exception`` and
-``strftime_now``. A model without a template gets plain ChatML, the format most small
-instruction-tuned models (SmolLM2, Qwen) use.
+``strftime_now``. A model without a template gets its architecture's turn format when we know
+it (:func:`default_chat_template`: Gemma GGUF files often carry none), else plain ChatML, the
+format most small instruction-tuned models (SmolLM2, Qwen) use.
 """
 
 from __future__ import annotations
@@ -24,8 +25,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CHATML_TEMPLATE",
+    "GEMMA_TEMPLATE",
     "ChatTemplateError",
     "apply_chat_template",
+    "default_chat_template",
     "encode_chat",
     "normalize_messages",
     "render_chat_template",
@@ -40,6 +43,34 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+#: Gemma's turn format, written here from its published description: ``<bos>``, then per turn
+#: ``<start_of_turn>{user|model}\n{text}<end_of_turn>\n``; the assistant's role is ``model``;
+#: there is no system role, so system text opens the next user turn (two newlines after it);
+#: a tool result is a user turn. The generation prompt opens a model turn.
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set ns = namespace(system='') %}"
+    "{% for message in messages %}"
+    "{% if message['role'] == 'system' %}"
+    "{% set ns.system = ns.system + (message['content'] | trim) + '\n\n' %}"
+    "{% else %}"
+    "{% set role = 'model' if message['role'] == 'assistant' else 'user' %}"
+    "{{ '<start_of_turn>' + role + '\n' + (ns.system if role == 'user' else '') + (message['content'] | trim) + '<end_of_turn>\n' }}"
+    "{% if role == 'user' %}{% set ns.system = '' %}{% endif %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
+#: GGUF ``general.architecture`` -> the template of a file that carries none.
+_ARCHITECTURE_TEMPLATES = {"gemma": GEMMA_TEMPLATE, "gemma2": GEMMA_TEMPLATE, "gemma3": GEMMA_TEMPLATE}
+
+
+def default_chat_template(architecture: str | None) -> str | None:
+    """The chat template of an architecture whose model files may lack one (None: unknown)."""
+    return _ARCHITECTURE_TEMPLATES.get(architecture or "")
 
 
 class ChatTemplateError(ValueError):

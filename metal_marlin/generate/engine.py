@@ -276,19 +276,21 @@ class Engine:
     def load(cls, path: str | Path | None = None, *, dtype: mx.Dtype | None = None, **kwargs: Any) -> Engine:
         """Load a model and its tokenizer.
 
-        ``None`` is the built-in SmolLM2-135M-Instruct; otherwise a ``.gguf`` file, a Hugging
-        Face folder, or an MLX-layout quantized folder (ours or mlx-lm's). ``dtype`` is the
-        activation dtype (default :func:`default_activation_dtype`). ``kwargs`` go to
-        the constructor. A path that does not exist raises ``FileNotFoundError`` naming it.
+        ``None`` is the built-in SmolLM2-135M-Instruct, a built-in model's name that model;
+        otherwise a ``.gguf`` file, a Hugging Face folder, or an MLX-layout quantized folder
+        (ours or mlx-lm's). ``dtype`` is the activation dtype (default
+        :func:`default_activation_dtype`). ``kwargs`` go to the constructor. A path that does
+        not exist raises ``FileNotFoundError`` naming it.
         """
         dtype = dtype if dtype is not None else default_activation_dtype()
+        from metal_marlin.assets import resolve_model_path
         from metal_marlin.checkpoints.loader import load_builtin_model, load_model
         from metal_marlin.tokenizer import Tokenizer
 
         if path is None:
             model, _, metadata = load_builtin_model(dtype)
         else:
-            p = Path(path).expanduser()
+            p = resolve_model_path(Path(path).expanduser())
             if not p.exists():
                 raise FileNotFoundError(f"model path {str(path)!r} does not exist")
             if p.is_dir() and not (p / "config.json").is_file():

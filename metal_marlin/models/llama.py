@@ -244,6 +244,10 @@ class RoPE(nn.Module):
 class Attention(nn.Module):
     """Grouped-query self-attention."""
 
+    #: Norm over each head of q and k when ``cfg.qk_norm`` (an architecture whose norm differs
+    #: subclasses and sets its own).
+    norm_class: type[nn.Module] = nn.RMSNorm
+
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.n_heads = cfg.num_attention_heads
@@ -256,8 +260,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(d, self.n_kv_heads * hd, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.n_heads * hd, d, bias=cfg.attention_out_bias)
         if cfg.qk_norm:
-            self.q_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
-            self.k_norm = nn.RMSNorm(hd, eps=cfg.rms_norm_eps)
+            self.q_norm = self.norm_class(hd, eps=cfg.rms_norm_eps)
+            self.k_norm = self.norm_class(hd, eps=cfg.rms_norm_eps)
         self.rope = RoPE(hd, cfg.rope_theta, cfg.rope_scaling)
 
     def context(
@@ -298,7 +302,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SiLU-gated feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """Gated feed-forward: ``down(act(gate(x)) * up(x))``, ``act`` = :attr:`activation` (SiLU)."""
+
+    activation = staticmethod(nn.silu)
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
@@ -310,7 +316,7 @@ class MLP(nn.Module):
     def hidden(self, x: mx.array) -> mx.array:
         """The gated activation: ``down_proj``'s input."""
         gate, up = project_stacked(x, (self.gate_proj, self.up_proj))
-        return nn.silu(gate) * up
+        return self.activation(gate) * up
 
     def __call__(self, x: mx.array) -> mx.array:
         return self.down_proj(self.hidden(x))
@@ -327,8 +333,13 @@ def compiled_decode_enabled() -> bool:
     return _COMPILE_ALLOWED and device.on_gpu()
 
 
-class DecoderBlock(nn.Module):
-    """Pre-norm transformer block; the unit calibration runs one at a time.
+class TransformerBlock(nn.Module):
+    """What every decoder block shares: the forward and its compiled decode step.
+
+    A subclass builds ``input_layernorm`` and ``self_attn`` (an :class:`Attention`), defines
+    :meth:`_post_attention` (everything after attention), ``capture`` and its
+    ``SCALING_GROUPS``; the forward is then ``_post_attention(x, attention context of
+    input_layernorm(x))``, eager or (decode steps on a GPU) compiled.
 
     ``mask`` defaults to ``"causal"``, which is right both for a full sequence and for
     decoding with a cache (MLX aligns it to the last key). Pass ``None`` only to disable
@@ -337,20 +348,11 @@ class DecoderBlock(nn.Module):
     array ``[B]`` for per-row positions (left-padded batches); by default the cache offset.
     """
 
-    SCALING_GROUPS: tuple[ScalingGroup, ...] = (
-        ScalingGroup("attn_qkv", "attn_input", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
-        ScalingGroup("attn_o", "o_proj_input", ("self_attn.o_proj",), "self_attn.v_proj"),
-        ScalingGroup("mlp_gate_up", "mlp_input", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-        ScalingGroup("mlp_down", "down_proj_input", ("mlp.down_proj",), "mlp.up_proj"),
-    )
+    SCALING_GROUPS: tuple[ScalingGroup, ...] = ()
     """AWQ's groups for this block (see :mod:`metal_marlin.models.scaling`)."""
 
-    def __init__(self, cfg: LlamaConfig) -> None:
+    def __init__(self) -> None:
         super().__init__()
-        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
         self._compiled: tuple[Any, Any] | None = None  # see _decode_compiled (not a parameter)
 
     def __call__(
@@ -359,18 +361,16 @@ class DecoderBlock(nn.Module):
     ) -> mx.array:
         if cache is not None and x.shape[1] == 1 and compiled_decode_enabled():
             return self._decode_compiled(x, mask, cache, positions)
-        h = x + self.self_attn(self.input_layernorm(x), mask, cache, positions)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        return self._post_attention(x, self.self_attn.context(self.input_layernorm(x), mask, cache, positions))
+
+    def _post_attention(self, x: mx.array, context: mx.array) -> mx.array:
+        """The block's output from its input ``x`` and the attention context (o_proj's input)."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------ compiled decode (GPU)
     def _pre_attention(self, x: mx.array, positions: mx.array) -> tuple[mx.array, mx.array, mx.array]:
         """Norm, q/k/v and RoPE of one decode token: attention's inputs."""
         return self.self_attn.queries_keys_values(self.input_layernorm(x), positions)
-
-    def _post_attention(self, x: mx.array, context: mx.array) -> mx.array:
-        """o_proj, both residuals and the MLP, after attention."""
-        h = x + self.self_attn.o_proj(context)
-        return h + self.mlp(self.post_attention_layernorm(h))
 
     def _decode_compiled(self, x: mx.array, mask: Mask, cache: KVCache, positions: Positions) -> mx.array:
         """One decode token through the block with its graph traced once per shape.
@@ -392,6 +392,29 @@ class DecoderBlock(nn.Module):
         q, k, v = pre(x, positions)
         k, v = cache.update_and_fetch(k, v)
         return post(x, self.self_attn.attend(q, k, v, mask))
+
+
+class DecoderBlock(TransformerBlock):
+    """Llama's pre-norm transformer block; the unit calibration runs one at a time."""
+
+    SCALING_GROUPS: tuple[ScalingGroup, ...] = (
+        ScalingGroup("attn_qkv", "attn_input", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+        ScalingGroup("attn_o", "o_proj_input", ("self_attn.o_proj",), "self_attn.v_proj"),
+        ScalingGroup("mlp_gate_up", "mlp_input", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+        ScalingGroup("mlp_down", "down_proj_input", ("mlp.down_proj",), "mlp.up_proj"),
+    )
+
+    def __init__(self, cfg: LlamaConfig) -> None:
+        super().__init__()
+        self.input_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def _post_attention(self, x: mx.array, context: mx.array) -> mx.array:
+        """o_proj, both residuals and the MLP, after attention."""
+        h = x + self.self_attn.o_proj(context)
+        return h + self.mlp(self.post_attention_layernorm(h))
 
     def capture(
         self, x: mx.array, mask: Mask = "causal", positions: Positions = None
@@ -432,13 +455,23 @@ def padded_causal_mask(length: int, offset: int, left_padding: mx.array) -> mx.a
 
 
 class LlamaTransformer(nn.Module):
-    """Embeddings, decoder blocks, final norm (HF's inner ``model``)."""
+    """Embeddings, decoder blocks, final norm (HF's inner ``model``).
+
+    Another architecture subclasses it with its own :meth:`make_layers`, ``norm_class`` and
+    :meth:`embed`, and keeps the forward (masks, positions, left padding, caches).
+    """
+
+    norm_class: type[nn.Module] = nn.RMSNorm
 
     def __init__(self, cfg: LlamaConfig) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = [DecoderBlock(cfg) for _ in range(cfg.num_hidden_layers)]
-        self.norm = nn.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.layers = self.make_layers(cfg)
+        self.norm = self.norm_class(cfg.hidden_size, eps=cfg.rms_norm_eps)
+
+    def make_layers(self, cfg: LlamaConfig) -> list[TransformerBlock]:
+        """The decoder blocks, first to last."""
+        return [DecoderBlock(cfg) for _ in range(cfg.num_hidden_layers)]
 
     def embed(self, tokens: mx.array) -> mx.array:
         """The first block's input for ``tokens``: what calibration and ``collect`` capture
@@ -474,10 +507,14 @@ class LlamaTransformer(nn.Module):
 class LlamaModel(nn.Module):
     """Causal LM: ``LlamaTransformer`` plus the (possibly tied) output head."""
 
+    transformer_class: type[LlamaTransformer] = LlamaTransformer
+    #: The 16-bit float this architecture computes in when half precision is asked for.
+    half_dtype: mx.Dtype = mx.float16
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaTransformer(config)
+        self.model = self.transformer_class(config)
         if not config.tie_word_embeddings:
             self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
 
@@ -514,7 +551,7 @@ class LlamaModel(nn.Module):
         return make_cache(len(self.model.layers), step)
 
     @property
-    def layers(self) -> list[DecoderBlock]:
+    def layers(self) -> list[TransformerBlock]:
         return self.model.layers
 
     def sanitize(self, weights: Mapping[str, Any]) -> dict[str, Any]:
