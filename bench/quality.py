@@ -1,29 +1,37 @@
 """Perplexity, quantization time and peak memory: original vs RTN vs mlx-lm AWQ vs ours.
 
-All quantizers see the same calibration tokens (the built-in Wikipedia calibration split,
-tokenized by our SmolLM2 tokenizer) and every model is scored on the same windows of two
-texts: held-out Wikipedia (in-domain) and the King James Bible (out-of-domain; never used
-for calibration). Besides the three quantizers at each (bits, group) setting, ours also runs
-with fp16 salient channels (``--salient-ratios``, at the first setting) to trace perplexity against bits/weight.
-A setting whose group does not divide the model's widths (SmolLM2: 576 is not a multiple of
-128) is reported as skipped, not silently changed.
+Models: the two built-in ones, SmolLM2-135M-Instruct (Llama family) and Gemma 3 270M (their
+reference weights are the dequantized GGUF files they ship as). Quantizers, at each (bits,
+group) setting: plain round-to-nearest (``rtn``), mlx-lm's AWQ (``mlx-lm-awq``), ours
+(``awq``) and ours with learned rounding (``awq+round``). Every quantizer of a model sees the
+same calibration tokens (the built-in Wikipedia calibration split, tokenized by that model's
+tokenizer) and every model is scored on the same windows of two texts: held-out Wikipedia
+(in-domain) and the King James Bible (out-of-domain; never used for calibration), with the
+standard error of each perplexity (windows are the samples). A setting whose group does not
+divide a model's widths (SmolLM2: 576 is not a multiple of 128) is reported as skipped.
+
 Each quantizer runs in its own child process, so its peak RSS (``ru_maxrss`` right after
-quantization, before evaluation) is its own. Time is the quantization loop only (model
-loading and saving excluded) for every quantizer.
+quantization, before evaluation) and, on a GPU, its peak device memory are its own. Time is
+the quantization loop only (model loading and saving excluded) for every quantizer.
 
 mlx-lm's AWQ (``mlx_lm.quant.awq.awq_quantize``) is fed our calibration tokens through its
-Python API (its own calibration download needs a hub). It always quantizes the embedding
-too; we ask it for 8 bits, group 32 there, which is close to lossless, while ours and RTN
-keep the tied embedding in float16.
+Python API (its own calibration download needs a hub). It always quantizes the embedding too;
+we ask it for 8 bits, group 32 there, which is close to lossless, while ours and RTN keep the
+tied embedding in float16.
 
-Run: ``python bench/quality.py`` (prints a markdown table; ``--json PATH`` saves results,
-which ``bench/results.py`` renders into docs/RESULTS.md).
+``--calibration-sizes`` adds the calibration-size table (first model, 4-bit g64): ours at each
+size, and mlx-lm's AWQ at ``--reference-calibration`` (16 x 512), the yardstick of the default.
+
+Run: ``python bench/quality.py --json PATH`` (``--budget-s`` stops launching quantizers when the
+time is up and records the rest as not run); ``bench/results.py --quality-only`` renders the
+reports into docs/RESULTS.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import resource
 import subprocess
 import sys
@@ -32,77 +40,112 @@ import time
 from pathlib import Path
 from typing import Any
 
-SETTINGS = "4:64,4:128,3:64"
-SALIENT_RATIOS = "0.005,0.01,0.02"
-QUANTIZERS = ("rtn", "mlx-lm-awq", "ours")
+MODELS = "smollm2-135m-instruct,gemma-3-270m"
+SETTINGS = "4:64,4:128,3:64,2:64,2:32"
+QUANTIZERS = ("rtn", "mlx-lm-awq", "awq", "awq+round")
 CORPORA = ("wikipedia", "kjv")
+CALIBRATION_SIZES = "8x256,32x512,128x512"
+REFERENCE_CALIBRATION = "16x512"
 
 
 def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
-def _windows(max_windows: int, corpus: str) -> Any:
-    from metal_marlin.eval import evaluation_windows
+def _peak_device_mb() -> float | None:
+    """Peak memory MLX allocated on a GPU (None on the CPU, where RSS says it)."""
+    import mlx.core as mx
+
+    from metal_marlin import device
+
+    if not device.on_gpu():
+        return None
+    return mx.get_peak_memory() / 2**20
+
+
+def _size(text: str) -> tuple[int, int]:
+    n, length = text.lower().split("x")
+    return int(n), int(length)
+
+
+def _float_folder(model_name: str, workdir: Path) -> Path:
+    """The float reference model as a Hugging Face folder (what mlx-lm loads), made once per run."""
+    from mlx.utils import tree_flatten
+
+    from metal_marlin.checkpoints.hf import save_hf_folder
+    from metal_marlin.checkpoints.loader import load_model
     from metal_marlin.tokenizer import load_tokenizer
 
-    windows, _ = evaluation_windows(load_tokenizer(None), 512, max_windows, corpus=corpus)
-    return windows
+    base = workdir / f"{model_name}-float32"
+    if not base.exists():
+        loaded = load_model(model_name)
+        tokenizer_dir = Path(tempfile.mkdtemp(dir=workdir))
+        load_tokenizer(model_name).save(tokenizer_dir)
+        extra = {p.name: p.read_bytes() for p in tokenizer_dir.iterdir()}
+        save_hf_folder(base, dict(tree_flatten(loaded.model.parameters())), loaded.config.to_hf_dict(), extra_files=extra)
+    return base
 
 
 def run_one(
-    variant: str, bits: int, group_size: int, n_samples: int, seq_len: int, max_windows: int, workdir: Path,
-    salient_ratio: float = 0.0,
+    model_name: str, variant: str, bits: int, group_size: int, n_samples: int, seq_len: int, max_windows: int,
+    workdir: Path, rounding_steps: int = 200,
 ) -> dict[str, Any]:
-    """One quantizer in this (child) process: quantize, note time and RSS, then evaluate."""
+    """One quantizer in this (child) process: quantize, note time and memory, then evaluate."""
     import metal_marlin  # noqa: F401  (OpenBLAS for MLX before mlx is used)
     import mlx.core as mx
 
     from metal_marlin.calibration import calibration_tokens
-    from metal_marlin.checkpoints.loader import load_builtin_model, load_model
-    from metal_marlin.eval import perplexity
+    from metal_marlin.checkpoints.loader import load_model
+    from metal_marlin.eval import evaluation_windows, perplexity
     from metal_marlin.pipeline import awq_quantize_model
     from metal_marlin.tokenizer import load_tokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"variant": variant, "bits": bits, "group_size": group_size, "salient_ratio": salient_ratio}
+    tokenizer = load_tokenizer(model_name)
+    result: dict[str, Any] = {
+        "model": model_name, "variant": variant, "bits": bits, "group_size": group_size,
+        "n_samples": n_samples, "seq_len": seq_len,
+    }
     if variant == "original":
-        model = load_builtin_model().model
-    elif variant in ("rtn", "ours"):
-        out = workdir / f"{variant}-w{bits}g{group_size}s{salient_ratio}"
+        model = load_model(model_name).model
+    elif variant in ("rtn", "awq", "awq+round"):
+        out = workdir / f"{model_name}-{variant}-w{bits}g{group_size}-{n_samples}x{seq_len}"
+        mx.reset_peak_memory()
         stats = awq_quantize_model(
-            None, out, group_size=group_size, salient_ratio=salient_ratio, verbose=False, bits=bits,
-            n_samples=n_samples, seq_len=seq_len, method="rtn" if variant == "rtn" else "awq",
+            model_name, out, group_size=group_size, salient_ratio=0.0, verbose=False, bits=bits,
+            n_samples=n_samples, seq_len=seq_len, method=variant, rounding_steps=rounding_steps,
         )
-        result.update(time_s=stats["time_s"], peak_rss_mb=_peak_rss_mb(), bits_per_weight=stats["bits_per_weight"])
-        model = load_model(out).model
+        result.update(
+            time_s=stats["time_s"], peak_rss_mb=_peak_rss_mb(), peak_device_mb=_peak_device_mb(),
+            bits_per_weight=stats["bits_per_weight"],
+            blocks={k: stats[k] for k in ("blocks_awq", "blocks_rtn", "blocks_round")},
+        )
+        loaded = load_model(out)
+        model = _dequantized_copy(loaded.model, loaded.config)
     elif variant == "mlx-lm-awq":
         import mlx_lm
         from mlx_lm.quant.awq import AWQ_MODEL_CONFIGS, awq_quantize
 
-        from metal_marlin.checkpoints.hf import save_hf_folder
-        from mlx.utils import tree_flatten
-
-        base = workdir / "base-float32"
-        if not base.exists():
-            loaded = load_builtin_model()
-            tokenizer_dir = Path(tempfile.mkdtemp(dir=workdir))
-            load_tokenizer(None).save(tokenizer_dir)
-            extra = {p.name: p.read_bytes() for p in tokenizer_dir.iterdir()}
-            save_hf_folder(base, dict(tree_flatten(loaded.model.parameters())), loaded.config.to_hf_dict(), extra_files=extra)
-            del loaded
-        model, _ = mlx_lm.load(str(base))
-        tokens = mx.array(calibration_tokens(load_tokenizer(None), n_samples, seq_len))
+        base = _float_folder(model_name, workdir)
+        their_model, _ = mlx_lm.load(str(base))
+        tokens = mx.array(calibration_tokens(tokenizer, n_samples, seq_len))
+        model_type = json.loads((base / "config.json").read_text())["model_type"]
+        mx.reset_peak_memory()
         start = time.perf_counter()
-        awq_quantize(model, tokens, AWQ_MODEL_CONFIGS["llama"], group_size=group_size, bits=bits, embed_group_size=32, embed_bits=8)
-        mx.eval(model.parameters())
-        result.update(time_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), bits_per_weight=_mlx_lm_bits_per_weight(model))
-        model = _dequantized_copy(model, load_builtin_model().config)
+        awq_quantize(their_model, tokens, AWQ_MODEL_CONFIGS[model_type], group_size=group_size, bits=bits, embed_group_size=32, embed_bits=8)
+        mx.eval(their_model.parameters())
+        result.update(
+            time_s=time.perf_counter() - start, peak_rss_mb=_peak_rss_mb(), peak_device_mb=_peak_device_mb(),
+            bits_per_weight=_mlx_lm_bits_per_weight(their_model),
+        )
+        model = _dequantized_copy(their_model, load_model(model_name).config)
     else:
         raise ValueError(f"unknown variant {variant!r}")
     for corpus in CORPORA:
-        ppl = perplexity(model, _windows(max_windows, corpus))
+        windows, _ = evaluation_windows(tokenizer, 512, max_windows, corpus=corpus)
+        ppl = perplexity(model, windows)
         result[f"perplexity_{corpus}"] = ppl.perplexity
+        result[f"se_{corpus}"] = ppl.standard_error
         result[f"eval_tokens_{corpus}"] = ppl.n_predicted_tokens
     return result
 
@@ -119,74 +162,102 @@ def _mlx_lm_bits_per_weight(model: Any) -> float:
     return n_bits / n_weights
 
 
-def _dequantized_copy(mlx_lm_model: Any, config: Any) -> Any:
-    """Our float model holding mlx-lm's dequantized weights, for a fast CPU evaluation.
+def _dequantized_copy(quantized_model: Any, config: Any) -> Any:
+    """Our float model holding a quantized model's dequantized weights: every row is evaluated so.
 
-    ``quantized_matmul`` computes ``x @ dequantize(W).T``, so this is the same function;
-    MLX's CPU int4 kernel is just ~7x slower than sgemm for 512-token windows.
+    ``quantized_matmul`` computes ``x @ dequantize(W).T``, so this is the same function, and it
+    keeps int kernels out of the measurement: MLX's CPU int4 kernel is ~7x slower than sgemm for
+    512-token windows, and on a GPU each new (bits, group) kernel compiles for ~45 s at first use.
+    Dequantized in numpy from the stored codes, fp16 scales and biases.
     """
     import mlx.core as mx
+    import numpy as np
     from mlx.utils import tree_flatten
 
     from metal_marlin.checkpoints.loader import build_model
+    from metal_marlin.quant import unpack_codes
 
     weights: dict[str, Any] = {}
-    for path, module in mlx_lm_model.named_modules():
+    for path, module in quantized_model.named_modules():
         if "scales" in module:
-            weights[f"{path}.weight"] = mx.dequantize(
-                module["weight"], module["scales"], module.get("biases"), group_size=module.group_size, bits=module.bits
-            )
+            packed = np.array(module["weight"])
+            scales, biases = (np.array(module[k].astype(mx.float32)) for k in ("scales", "biases"))
+            codes = unpack_codes(packed, module.bits).astype(np.float32)
+            out_features, in_features = codes.shape
+            groups = codes.reshape(out_features, scales.shape[1], -1)
+            dense = (groups * scales[..., None] + biases[..., None]).reshape(out_features, in_features)
+            if "salient_indices" in module:
+                dense[:, np.array(module["salient_indices"])] = np.array(module["salient_weight"].astype(mx.float32))
+            weights[f"{path}.weight"] = dense
             if "bias" in module:
                 weights[f"{path}.bias"] = module["bias"]
-    for name, value in tree_flatten(mlx_lm_model.parameters()):
+    for name, value in tree_flatten(quantized_model.parameters()):
         prefix = name.rsplit(".", 1)[0]
-        if f"{prefix}.weight" not in weights and not name.endswith((".scales", ".biases")):
+        if f"{prefix}.weight" not in weights and not name.endswith((".scales", ".biases", ".salient_indices", ".salient_weight")):
             weights[name] = value
     return build_model(config, weights)
 
 
+def plan_jobs(models: list[str], settings: list[tuple[int, int]], quantizers: list[str]) -> tuple[list[tuple], list[dict]]:
+    """(model, variant, bits, group) in run order, and the settings skipped per model.
+
+    Quantizers alternate within each setting, so a slow drift of the machine touches them alike.
+    """
+    from metal_marlin.checkpoints.loader import open_checkpoint
+    from metal_marlin.pipeline import validate_settings
+
+    jobs: list[tuple] = []
+    skipped: list[dict] = []
+    for model_name in models:
+        config = open_checkpoint(model_name).config
+        jobs.append((model_name, "original", 16, 0))
+        for bits, group in settings:
+            try:
+                validate_settings(config, bits, group, 0.0, "rms")
+            except ValueError as exc:
+                skipped.append({"model": model_name, "bits": bits, "group_size": group, "reason": str(exc)})
+                continue
+            jobs += [(model_name, q, bits, group) for q in quantizers]
+    return jobs, skipped
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default=MODELS, help="built-in model names, comma-separated")
     parser.add_argument("--n-samples", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--max-windows", type=int, default=32)
+    parser.add_argument("--max-windows", type=int, default=32, help="windows of 512 tokens per text")
     parser.add_argument("--settings", default=SETTINGS, help="bits:group pairs, comma-separated")
-    parser.add_argument("--salient-ratios", default=SALIENT_RATIOS,
-                        help="extra runs of ours with fp16 salient channels at each setting ('' for none)")
-    parser.add_argument("--no-original", action="store_true", help="skip the unquantized model's row (another run has it)")
+    parser.add_argument("--quantizers", default=",".join(QUANTIZERS))
+    parser.add_argument("--calibration-sizes", default="", help=f"e.g. {CALIBRATION_SIZES}: the calibration-size table ('' for none)")
+    parser.add_argument("--reference-calibration", default=REFERENCE_CALIBRATION, help="mlx-lm AWQ's calibration in that table")
+    parser.add_argument("--rounding-steps", type=int, default=200, help="awq+round's steps per block (its default: 200)")
+    parser.add_argument("--budget-s", type=float, default=None, help="launch no quantizer after this many seconds")
     parser.add_argument("--json", default=None, help="also write the results here (rewritten after every job)")
-    parser.add_argument("--run-one", nargs=4, metavar=("VARIANT", "BITS", "GROUP", "SALIENT"), help=argparse.SUPPRESS)
+    parser.add_argument("--run-one", nargs=4, metavar=("MODEL", "VARIANT", "BITS", "GROUP"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args.run_one:
-        variant, bits, group, salient = args.run_one
-        result = run_one(variant, int(bits), int(group), args.n_samples, args.seq_len, args.max_windows, Path(args.workdir), float(salient))
+        model_name, variant, bits, group = args.run_one
+        result = run_one(model_name, variant, int(bits), int(group), args.n_samples, args.seq_len, args.max_windows,
+                         Path(args.workdir), args.rounding_steps)
         print(json.dumps(result))
         return
 
     sys.path.insert(0, str(Path(__file__).parent))
     from _machine import describe_machine, repo_command
 
-    from metal_marlin.checkpoints.loader import load_builtin_model
-    from metal_marlin.pipeline import validate_settings
-
-    config = load_builtin_model().config
+    models = [m for m in args.models.split(",") if m]
     settings = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",") if item]
-    salient_ratios = [float(v) for v in args.salient_ratios.split(",") if v]
-    jobs: list[tuple[str, int, int, float]] = [] if args.no_original else [("original", 16, 0, 0.0)]
-    skipped = []
-    for bits, group in settings:
-        try:
-            validate_settings(config, bits, group, 0.0, "rms")
-        except ValueError as exc:
-            skipped.append({"bits": bits, "group_size": group, "reason": str(exc)})
-            continue
-        jobs += [(q, bits, group, 0.0) for q in QUANTIZERS]  # quantizers alternate within each setting
-        if not any(v == "ours" for v, *_ in jobs[: -len(QUANTIZERS)]):  # the sweep runs at the first valid setting
-            jobs += [("ours", bits, group, r) for r in salient_ratios]
+    jobs, skipped = plan_jobs(models, settings, [q for q in args.quantizers.split(",") if q])
+    calibration = [(models[0], "awq", 4, 64, *_size(size)) for size in args.calibration_sizes.split(",") if size]
+    if calibration:
+        calibration.append((models[0], "mlx-lm-awq", 4, 64, *_size(args.reference_calibration)))
+    planned = [(*job, args.n_samples, args.seq_len) for job in jobs] + calibration
 
     results: list[dict[str, Any]] = []
+    calibration_results: list[dict[str, Any]] = []
     started = time.time()
     report: dict[str, Any] = {
         "benchmark": "quality",
@@ -194,52 +265,147 @@ def main() -> None:
         "machine": describe_machine(),
         "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(started)),
         "calibration": f"{args.n_samples} x {args.seq_len} tokens of the Wikipedia calibration split",
+        "eval_windows": args.max_windows,
+        "rounding_steps": args.rounding_steps,
         "skipped": skipped,
-        "planned": len(jobs),
+        "not_run": [],
+        "failed": [],
+        "planned": len(planned),
         "results": results,
+        "calibration_sizes": calibration_results,
     }
+
+    def save() -> None:
+        report["wall_time_s"] = time.time() - started
+        report["complete"] = not report["not_run"] and not report["failed"] and len(results) + len(calibration_results) == len(planned)
+        if args.json:  # after every job: a long run that dies keeps what it measured
+            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.json).write_text(json.dumps(report, indent=1, default=_json_default))
+
     with tempfile.TemporaryDirectory() as workdir:
-        for variant, bits, group, salient in jobs:
-            cmd = [sys.executable, __file__, "--run-one", variant, str(bits), str(group), str(salient), "--workdir", workdir,
-                   "--n-samples", str(args.n_samples), "--seq-len", str(args.seq_len), "--max-windows", str(args.max_windows)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
-            results.append(json.loads(out))
-            print(json.dumps(results[-1]), file=sys.stderr, flush=True)
-            report["eval_tokens"] = {c: results[-1][f"eval_tokens_{c}"] for c in CORPORA}
-            report["wall_time_s"] = time.time() - started
-            report["complete"] = len(results) == len(jobs)
-            if args.json:  # after every job: a long run that dies keeps what it measured
-                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-                Path(args.json).write_text(json.dumps(report, indent=1))
+        for index, (model_name, variant, bits, group, n, length) in enumerate(planned):
+            left = None if args.budget_s is None else args.budget_s - (time.time() - started)
+            if left is not None and left < 10:
+                report["not_run"] = [list(job[:6]) for job in planned[index:]]
+                break
+            cmd = [sys.executable, __file__, "--run-one", model_name, variant, str(bits), str(group), "--workdir", workdir,
+                   "--n-samples", str(n), "--seq-len", str(length), "--max-windows", str(args.max_windows),
+                   "--rounding-steps", str(args.rounding_steps)]
+            try:
+                done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=left)
+            except subprocess.TimeoutExpired:
+                report["not_run"] = [list(job[:6]) for job in planned[index:]]
+                break
+            except subprocess.CalledProcessError as exc:  # recorded, and the run goes on with the next one
+                print(exc.stderr[-4000:], file=sys.stderr)
+                report["failed"].append({"job": [model_name, variant, bits, group, n, length], "error": exc.stderr[-2000:]})
+                save()
+                continue
+            result = json.loads(done.stdout.strip().splitlines()[-1])
+            (calibration_results if index >= len(jobs) else results).append(result)
+            print(json.dumps(result), file=sys.stderr, flush=True)
+            save()
+    save()
+    print(render_report(report))
 
-    print(render_table(report))
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    raise TypeError(f"not JSON serialisable: {value!r}")
 
 
-def render_table(report: dict[str, Any]) -> str:
-    """The markdown table of a quality report (also used by bench/results.py)."""
+# ---------------------------------------------------------------------------------- rendering
+LABELS = {
+    "original": "original (dequantized GGUF)",
+    "rtn": "round-to-nearest",
+    "mlx-lm-awq": "mlx-lm AWQ",
+    "awq": "metal-marlin awq",
+    "awq+round": "metal-marlin awq+round",
+}
+
+
+def _ppl(r: dict[str, Any], corpus: str) -> str:
+    se = r.get(f"se_{corpus}")
+    return f"{r[f'perplexity_{corpus}']:.3f} ± {se:.3f}" if se is not None else f"{r[f'perplexity_{corpus}']:.3f}"
+
+
+def gap_closed(ppl_rtn: float, ppl_ours: float, ppl_original: float) -> float:
+    """Fraction of the RTN -> original perplexity gap a quantizer closes (1 = lossless)."""
+    return (ppl_rtn - ppl_ours) / (ppl_rtn - ppl_original)
+
+
+def _memory(r: dict[str, Any]) -> str:
+    rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
+    dev = f" / {r['peak_device_mb']:.0f}" if r.get("peak_device_mb") is not None else ""
+    return rss + dev
+
+
+def render_report(report: dict[str, Any]) -> str:
+    """Markdown tables of a quality report (also used by bench/results.py)."""
+    results = report["results"]
+    on_device = any(r.get("peak_device_mb") is not None for r in results)
+    memory_head = "peak RSS / GPU memory (MB)" if on_device else "peak RSS (MB)"
+    lines: list[str] = []
+    for model_name in dict.fromkeys(r["model"] for r in results):
+        rows = [r for r in results if r["model"] == model_name]
+        original = next((r for r in rows if r["variant"] == "original"), None)
+        tokens = rows[0]
+        lines += [
+            f"### {model_name}",
+            "",
+            f"calibration: {report['calibration']}; eval: {tokens['eval_tokens_wikipedia']} held-out Wikipedia tokens, "
+            f"{tokens['eval_tokens_kjv']} King James Bible tokens (windows of 512); ± is the standard error.",
+            "",
+            f"| quantizer | bits | group | bits/weight | ppl Wikipedia | ppl KJV | gap closed Wikipedia | gap closed KJV | time (s) | {memory_head} |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in rows:
+            if r["variant"] == "original":
+                lines.append(f"| {LABELS['original']} | 16 | - | 16 | {_ppl(r, 'wikipedia')} | {_ppl(r, 'kjv')} | - | - | - | - |")
+                continue
+            rtn = next((x for x in rows if x["variant"] == "rtn" and x["bits"] == r["bits"] and x["group_size"] == r["group_size"]), None)
+            gaps = []
+            for corpus in CORPORA:
+                if original is None or rtn is None or r["variant"] == "rtn":
+                    gaps.append("-")
+                else:
+                    key = f"perplexity_{corpus}"
+                    gaps.append(f"{100 * gap_closed(rtn[key], r[key], original[key]):.0f}%")
+            lines.append(
+                f"| {LABELS.get(r['variant'], r['variant'])} | {r['bits']} | {r['group_size']} | {r['bits_per_weight']:.2f} | "
+                f"{_ppl(r, 'wikipedia')} | {_ppl(r, 'kjv')} | {gaps[0]} | {gaps[1]} | {r['time_s']:.1f} | {_memory(r)} |"
+            )
+        lines.append("")
+        for s in report.get("skipped", []):
+            if s["model"] == model_name:
+                lines += [f"{s['bits']}-bit group {s['group_size']} skipped: {s['reason']}", ""]
+    if report.get("calibration_sizes"):
+        lines += render_calibration_table(report["calibration_sizes"]) + [""]
+    for failure in report.get("failed", []):
+        m, v, b, g, n, length = failure["job"]
+        reason = failure["error"].strip().splitlines()[-1] if failure["error"].strip() else "no output"
+        lines.append(f"Failed: {m} {v} w{b}g{g} {n}x{length}: {reason}")
+    if report.get("not_run"):
+        lines.append("Not run (time budget): " + "; ".join(f"{m} {v} w{b}g{g} {n}x{length}" for m, v, b, g, n, length in report["not_run"]))
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def render_calibration_table(rows: list[dict[str, Any]]) -> list[str]:
+    reference = next((r for r in rows if r["variant"] == "mlx-lm-awq"), None)
     lines = [
-        f"machine: {report['machine']}",
-        f"calibration: {report['calibration']}; eval: {report['eval_tokens']['wikipedia']} held-out Wikipedia tokens, "
-        f"{report['eval_tokens']['kjv']} King James Bible tokens (windows of 512)",
+        f"### Calibration size ({rows[0]['model']}, 4-bit g64)",
         "",
-        "| model | bits | group | salient | bits/weight | ppl Wikipedia | ppl KJV | quantization time (s) | peak RSS (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| quantizer | calibration | ppl Wikipedia | ppl KJV | time (s) | time / mlx-lm AWQ at its calibration |",
+        "|---|---|---:|---:|---:|---:|",
     ]
-    for r in report["results"]:
-        original = r["variant"] == "original"
-        bits = "16" if original else r["bits"]
-        group = "-" if original else r["group_size"]
-        salient = "-" if r["variant"] != "ours" else f"{r['salient_ratio']:g}"
-        bpw = f"{r['bits_per_weight']:.2f}" if "bits_per_weight" in r else "16"
-        t = f"{r['time_s']:.1f}" if "time_s" in r else "-"
-        rss = f"{r['peak_rss_mb']:.0f}" if "peak_rss_mb" in r else "-"
+    for r in rows:
+        ratio = f"{r['time_s'] / reference['time_s']:.2f}x" if reference and r is not reference else "-"
         lines.append(
-            f"| {r['variant']} | {bits} | {group} | {salient} | {bpw} | {r['perplexity_wikipedia']:.3f} | "
-            f"{r['perplexity_kjv']:.3f} | {t} | {rss} |"
+            f"| {LABELS.get(r['variant'], r['variant'])} | {r['n_samples']} x {r['seq_len']} | {_ppl(r, 'wikipedia')} | "
+            f"{_ppl(r, 'kjv')} | {r['time_s']:.1f} | {ratio} |"
         )
-    for s in report.get("skipped", []):
-        lines.append(f"\n{s['bits']}-bit group {s['group_size']} skipped: {s['reason']}")
-    return "\n".join(lines)
+    return lines
 
 
 if __name__ == "__main__":

