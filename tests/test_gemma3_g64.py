@@ -1,5 +1,5 @@
 """Gemma 3 270M through ``awq_quantize_model`` at 4 bits, group 64, given the GGUF's path,
-then ``metal-marlin generate`` and ``eval`` on the output.
+then the ``generate`` and ``eval`` commands on the output.
 
 The run is plain round-to-nearest (``method="rtn"``, 14 s here against 45 s for the AWQ run
 of test_gemma3_pipeline.py): the same pipeline stages, packing, folder and loader at group
@@ -10,6 +10,7 @@ it beside the g128 one.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -18,6 +19,7 @@ import pytest
 from conftest import require_gemma3
 from metal_marlin.assets import GEMMA3_MODEL_NAME, builtin_model_path
 from metal_marlin.cli import main as cli_main
+from metal_marlin.generate.cli import run_generate
 from metal_marlin.pipeline import awq_quantize_model
 from test_gemma3_pipeline import EIFFEL, check_loads_and_answers, check_output_folder
 
@@ -37,10 +39,11 @@ def test_group_64_writes_a_complete_folder_that_answers(gemma_g64) -> None:
     check_loads_and_answers(gemma_g64)
 
 
-def test_generate_and_eval_run_the_quantized_gemma(gemma_g64, capfd) -> None:
-    assert cli_main(["generate", "--model", str(gemma_g64), "--prompt", EIFFEL, "--max-tokens", "2"]) == 0
-    assert "Paris" in capfd.readouterr().out
+def test_generate_and_eval_run_the_quantized_gemma(gemma_g64, capsys) -> None:
+    out = io.StringIO()  # run_generate's default stream is bound at import: pass one explicitly
+    assert run_generate(model=str(gemma_g64), prompt=EIFFEL, chat=False, max_tokens=2, temperature=0.0, top_p=1.0, seed=None, out=out) == 0
+    assert "Paris" in out.getvalue()
     assert cli_main(["eval", "--model", str(gemma_g64), "--window", "32", "--max-windows", "1", "--batch-size", "1"]) == 0
-    result = json.loads(capfd.readouterr().out)
+    result = json.loads(capsys.readouterr().out)
     # 31 predicted tokens after the window's <bos> (the float model measures ~17 on 128-token windows)
     assert 1.0 < result["perplexity"] < 200.0 and result["n_predicted_tokens"] == 31
