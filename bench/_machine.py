@@ -49,11 +49,30 @@ def describe_machine() -> str:
     from metal_marlin import _blas
     import mlx.core as mx
 
+    gpu = nvidia_gpu()
     return (
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}, mlx {mx.__version__} on {mx.default_device()}, "
         f"MLX BLAS: {os.path.basename(_blas.loaded_blas or 'bundled reference')}"  # MM_BLAS_LIBRARY may be a path
+        + (f", GPU: {gpu}" if gpu else "")
     )
+
+
+def nvidia_gpu() -> str | None:
+    """``NAME, driver VERSION`` of the first NVIDIA GPU (nvidia-smi), None where there is none:
+    a GPU figure names its GPU and driver."""
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    out = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                         capture_output=True, text=True)
+    first = out.stdout.strip().splitlines()[:1]
+    if out.returncode != 0 or not first:
+        return None
+    name, _, driver = first[0].partition(",")
+    return f"{name.strip()}, driver {driver.strip()}"
 
 
 def describe_gpu() -> dict:

@@ -19,8 +19,9 @@ Python API (its own calibration download needs a hub). It always quantizes the e
 we ask it for 8 bits, group 32 there, which is close to lossless, while ours and RTN keep the
 tied embedding in float16.
 
-``--calibration-sizes`` adds the calibration-size table (first model, 4-bit g64): ours at each
-size, and mlx-lm's AWQ at ``--reference-calibration`` (16 x 512), the yardstick of the default.
+``--calibration-sizes`` adds the calibration-size table (first model, 4-bit g64): ours
+(``--calibration-quantizers``, default ``awq``) at each size, and mlx-lm's AWQ at
+``--reference-calibration`` (16 x 512), the yardstick of the default.
 
 Run: ``python bench/quality.py --json PATH`` (``--budget-s`` stops launching quantizers when the
 time is up and records the rest as not run); ``bench/results.py --quality-only`` renders the
@@ -230,6 +231,7 @@ def main() -> None:
     parser.add_argument("--settings", default=SETTINGS, help="bits:group pairs, comma-separated")
     parser.add_argument("--quantizers", default=",".join(QUANTIZERS))
     parser.add_argument("--calibration-sizes", default="", help=f"e.g. {CALIBRATION_SIZES}: the calibration-size table ('' for none)")
+    parser.add_argument("--calibration-quantizers", default="awq", help="ours in that table, comma-separated (awq, awq+round)")
     parser.add_argument("--reference-calibration", default=REFERENCE_CALIBRATION, help="mlx-lm AWQ's calibration in that table")
     parser.add_argument("--rounding-steps", type=int, default=200, help="awq+round's steps per block (its default: 200)")
     parser.add_argument("--budget-s", type=float, default=None, help="launch no quantizer after this many seconds")
@@ -251,10 +253,14 @@ def main() -> None:
     models = [m for m in args.models.split(",") if m]
     settings = [tuple(int(v) for v in item.split(":")) for item in args.settings.split(",") if item]
     jobs, skipped = plan_jobs(models, settings, [q for q in args.quantizers.split(",") if q])
-    calibration = [(models[0], "awq", 4, 64, *_size(size)) for size in args.calibration_sizes.split(",") if size]
+    ours = [q for q in args.calibration_quantizers.split(",") if q]
+    calibration = [(models[0], q, 4, 64, *_size(size)) for size in args.calibration_sizes.split(",") if size for q in ours]
     if calibration:
         calibration.append((models[0], "mlx-lm-awq", 4, 64, *_size(args.reference_calibration)))
-    planned = [(*job, args.n_samples, args.seq_len) for job in jobs] + calibration
+    main_jobs = [(*job, args.n_samples, args.seq_len) for job in jobs]
+    # A calibration-table entry at the main calibration is a row of the main table: run once.
+    shared = [job for job in calibration if job in main_jobs]
+    planned = main_jobs + [job for job in calibration if job not in main_jobs]
 
     results: list[dict[str, Any]] = []
     calibration_results: list[dict[str, Any]] = []
@@ -277,7 +283,7 @@ def main() -> None:
 
     def save() -> None:
         report["wall_time_s"] = time.time() - started
-        report["complete"] = not report["not_run"] and not report["failed"] and len(results) + len(calibration_results) == len(planned)
+        report["complete"] = not report["not_run"] and not report["failed"] and len(results) + len(calibration_results) == len(planned) + len(shared)
         if args.json:  # after every job: a long run that dies keeps what it measured
             Path(args.json).parent.mkdir(parents=True, exist_ok=True)
             Path(args.json).write_text(json.dumps(report, indent=1, default=_json_default))
@@ -303,6 +309,8 @@ def main() -> None:
                 continue
             result = json.loads(done.stdout.strip().splitlines()[-1])
             (calibration_results if index >= len(jobs) else results).append(result)
+            if (model_name, variant, bits, group, n, length) in shared:
+                calibration_results.append(result)
             print(json.dumps(result), file=sys.stderr, flush=True)
             save()
     save()
@@ -399,7 +407,8 @@ def render_calibration_table(rows: list[dict[str, Any]]) -> list[str]:
         "| quantizer | calibration | ppl Wikipedia | ppl KJV | time (s) | time / mlx-lm AWQ at its calibration |",
         "|---|---|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    order = {q: i for i, q in enumerate(QUANTIZERS)}
+    for r in sorted(rows, key=lambda r: (r["variant"] == "mlx-lm-awq", order.get(r["variant"], 9), r["n_samples"] * r["seq_len"])):
         ratio = f"{r['time_s'] / reference['time_s']:.2f}x" if reference and r is not reference else "-"
         lines.append(
             f"| {LABELS.get(r['variant'], r['variant'])} | {r['n_samples']} x {r['seq_len']} | {_ppl(r, 'wikipedia')} | "

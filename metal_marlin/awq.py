@@ -256,7 +256,7 @@ def awq_quantize(
         xp.array(stat),
         keep,
         spec,
-        loss=lambda deltas: error.total(deltas[0]),
+        loss=lambda deltas: error.total_lazy(deltas[0]),
         n_grid=n_grid,
         duo_scaling=duo_scaling,
         xp=xp,

@@ -27,6 +27,7 @@ from typing import Any
 
 __all__ = [
     "DEVICE_CHOICES",
+    "COMPILE_ENV",
     "DEVICE_ENV",
     "DeviceUnavailableError",
     "MLXUnavailableError",
@@ -34,11 +35,14 @@ __all__ = [
     "gpu_backend",
     "import_mlx",
     "on_gpu",
+    "use_compile",
     "parse_device",
     "select_device",
 ]
 
 DEVICE_ENV = "MM_DEVICE"
+COMPILE_ENV = "MM_COMPILE"
+_COMPILE_ALLOWED = os.environ.get(COMPILE_ENV, "1") != "0"  # read once: asked per block per step
 DEVICE_CHOICES = ("auto", "gpu", "cpu")
 
 _INSTALL_HINT = "MM_EXTRAS=cuda bash scripts/bootstrap.sh or pip install 'metal-marlin[cuda]'"
@@ -136,6 +140,16 @@ def on_gpu() -> bool:
     except MLXUnavailableError:
         return False
     return mx.default_device().type == mx.DeviceType.gpu
+
+
+def use_compile() -> bool:
+    """Whether hot loops run as ``mx.compile``d graphs: on a GPU, unless ``MM_COMPILE=0``.
+
+    On a GPU the host building a graph op by op is the bottleneck (thousands of small kernels
+    launched per decode or rounding step), and a compiled graph fuses them. On the CPU it is
+    not: there each new graph costs a C++ compile (seconds) and runs no faster.
+    """
+    return _COMPILE_ALLOWED and on_gpu()
 
 
 def _package_version() -> str:

@@ -49,7 +49,7 @@ from metal_marlin.calibration import (
 )
 from metal_marlin.quant import QuantSpec, Rounding, fake_quantize, quantize_tensor, to_mlx_scales_biases
 from metal_marlin.rounding import DEFAULT_BATCH_ROWS, DEFAULT_STEPS, RoundingTarget, check_rounding_settings, learn_block_rounding
-from metal_marlin.search import OutputError, fake_quantize_scaled, search_clip, search_scales
+from metal_marlin.search import OutputError, fake_quantize_scaled, read_floats, schedule, search_clip, search_scales
 
 ProgressFn = Callable[[dict[str, Any]], None]
 Method = Literal["awq", "awq+round", "rtn"]
@@ -188,7 +188,7 @@ class _LinearPlan:
 def _plan_group(
     block: nn.Module,
     group: LinearGroup,
-    x: np.ndarray,
+    x: Any,
     spec: QuantSpec,
     salient_ratio: float,
     activation_method: str,
@@ -198,22 +198,29 @@ def _plan_group(
     xp: ModuleType,
     error: OutputError,
 ) -> list[_LinearPlan]:
-    """Scale search + clip search for one group (``use_awq=False``: plain round-to-nearest)."""
-    weights = [_to_np(_module(block, p).weight) for p in group.linears]
+    """Scale search + clip search for one group (``use_awq=False``: plain round-to-nearest).
+
+    Everything stays in ``xp`` (on the GPU: on the device) and every error is scored lazily;
+    the group's figures are read back together at the end, so the host waits on the device
+    a handful of times per group instead of once per candidate.
+    """
+    ws = [_in_namespace(_module(block, p).weight, xp) for p in group.linears]
     in_features = x.shape[1]
     if isinstance(x, np.ndarray):
         stat = compute_activation_stats(x, activation_method)
     else:  # calibration inputs on the GPU: reduce there, bring back one value per channel
         stat = np.array(channel_stats(x, activation_method, mx), dtype=np.float32)
-    salient_idx, _ = find_salient_weights(np.concatenate(weights).T, stat, salient_ratio)
+    salient_idx = np.zeros(0, np.int64)
+    if salient_ratio > 0:  # importance needs only the mean |w| of each input channel
+        mean_abs = sum(xp.abs(w).sum(axis=0) for w in ws) / sum(w.shape[0] for w in ws)
+        salient_idx, _ = find_salient_weights(np.array(mean_abs, dtype=np.float32)[:, None], stat, salient_ratio)
     keep_np = np.ones(in_features, np.float32)
     keep_np[salient_idx] = 0.0
-    ws = [xp.array(w) for w in weights]
     keep = xp.array(keep_np)
     targets = [w * keep[None, :] for w in ws]
 
-    def loss(deltas: list[Any]) -> float:
-        return sum(error.total(d) * d.shape[0] for d in deltas) / sum(d.shape[0] for d in deltas)
+    def loss(deltas: list[Any]) -> Any:
+        return sum(error.total_lazy(d) * d.shape[0] for d in deltas) / sum(d.shape[0] for d in deltas)
 
     if use_awq and group.previous is not None:
         tie = (lambda scales: group.tie.tie(scales, keep, xp)) if group.tie is not None else None
@@ -222,23 +229,33 @@ def _plan_group(
     else:
         s = xp.ones((in_features,), dtype=xp.float32)
         alpha = 0.0
-        rtn_loss = awq_loss = loss([fake_quantize_scaled(w, s, keep, spec, xp) - t for w, t in zip(ws, targets)])
+        rtn_loss = awq_loss = read_floats([loss([fake_quantize_scaled(w, s, keep, spec, xp) - t for w, t in zip(ws, targets)])])[0]
 
-    plans = []
+    # Per linear: the error without clipping, the clip search's candidate and its error, and
+    # plain RTN's error (for the stats); all scored before anything is read back.
+    lazy: list[tuple[str, Any, Any, Any, Any]] = []
     for path, w, target in zip(group.linears, ws, targets):
-        clip_ratio = None
-        no_clip = error.total(fake_quantize_scaled(w, s, keep, spec, xp) - target)
-        final = no_clip
+        no_clip = error.total_lazy(fake_quantize_scaled(w, s, keep, spec, xp) - target)
+        candidate = clipped = None
         if use_awq and not path.endswith(("q_proj", "k_proj")):
             candidate = search_clip(w, s, keep, spec, error, xp=xp)
-            clipped = error.total(fake_quantize_scaled(w, s, keep, spec, xp, candidate) - target)
-            if clipped < no_clip:
-                clip_ratio, final = np.array(candidate), clipped
-        rtn = error.total(fake_quantize(w, spec, xp) - w)
+            clipped = error.total_lazy(fake_quantize_scaled(w, s, keep, spec, xp, candidate) - target)
+        rtn = error.total_lazy(fake_quantize(w, spec, xp) - w)
+        schedule(xp, *[v for v in (no_clip, candidate, clipped, rtn) if v is not None])
+        lazy.append((path, no_clip, candidate, clipped, rtn))
+    values = read_floats([v for _, no_clip, _, clipped, rtn in lazy for v in (no_clip, rtn, clipped if clipped is not None else no_clip)])
+    s_np = np.array(s, dtype=np.float32)
+
+    plans = []
+    for index, (path, _, candidate, _, _) in enumerate(lazy):
+        no_clip, rtn, clipped = values[3 * index : 3 * index + 3]
+        clip_ratio, final = None, no_clip
+        if candidate is not None and clipped < no_clip:
+            clip_ratio, final = np.array(candidate), clipped
         plans.append(
             _LinearPlan(
                 path=path,
-                scales=np.array(s, dtype=np.float32),
+                scales=s_np,
                 keep=keep_np,
                 clip_ratio=clip_ratio,
                 salient_idx=salient_idx,
@@ -258,7 +275,12 @@ def _plan_group(
     return plans
 
 
-def _set_param(module: nn.Module, name: str, value: np.ndarray, like: mx.array) -> None:
+def _in_namespace(array: mx.array, xp: ModuleType) -> Any:
+    """A float32 copy of a block parameter in ``xp``: numpy on the host, or MLX where it lives."""
+    return _to_np(array) if xp is np else array.astype(mx.float32)
+
+
+def _set_param(module: nn.Module, name: str, value: np.ndarray | mx.array, like: mx.array) -> None:
     module.update({name: mx.array(value).astype(like.dtype)})
 
 
@@ -277,46 +299,60 @@ def fold_scales(block: nn.Module, groups: Sequence[LinearGroup], scales: dict[st
             continue
         if group.previous is None:
             raise ValueError(f"group {group.name} has no previous op to absorb its scales")
+        s_mx = mx.array(s)
         for path in group.linears:
             linear = _module(block, path)
-            _set_param(linear, "weight", _to_np(linear.weight) * s[None, :], linear.weight)
+            _set_param(linear, "weight", linear.weight.astype(mx.float32) * s_mx[None, :], linear.weight)
         prev = _module(block, group.previous)
         if prev.weight.ndim == 1:  # a norm: it multiplies its output by weight + offset
             offset = float(getattr(prev, "weight_offset", 0.0))  # Gemma stores w and applies 1 + w
-            _set_param(prev, "weight", (_to_np(prev.weight) + offset) / s - offset, prev.weight)
+            _set_param(prev, "weight", (prev.weight.astype(mx.float32) + offset) / s_mx - offset, prev.weight)
         else:
-            s_out = group.tie.per_kv_channel(s) if group.tie is not None else s  # one per v_proj output
-            _set_param(prev, "weight", _to_np(prev.weight) / s_out[:, None], prev.weight)
+            s_out = mx.array(group.tie.per_kv_channel(s) if group.tie is not None else s)  # one per v_proj output
+            _set_param(prev, "weight", prev.weight.astype(mx.float32) / s_out[:, None], prev.weight)
             if "bias" in prev:
-                _set_param(prev, "bias", _to_np(prev.bias) / s_out, prev.bias)
+                _set_param(prev, "bias", prev.bias.astype(mx.float32) / s_out, prev.bias)
 
 
 def _quantize_folded(
-    block: nn.Module, plans: dict[str, list[_LinearPlan]], spec: QuantSpec, roundings: dict[str, Rounding] | None = None
+    block: nn.Module, plans: dict[str, list[_LinearPlan]], spec: QuantSpec, xp: ModuleType,
+    roundings: dict[str, Rounding] | None = None,
 ) -> dict[str, dict[str, np.ndarray]]:
     """Quantize every (already folded) linear; set it to its dequantized weight for scoring.
 
-    ``roundings`` (learned rounding, by linear path) replace the plans' clip ratios.
-    Returns the stored tensors per linear path: packed codes, fp16 scales and biases, and
-    the fp16 side channels when there are salient channels.
+    The one quantizer runs in ``xp`` (on a GPU, on the device: only the packed codes, scales
+    and biases come back to the host). ``roundings`` (learned rounding, by linear path)
+    replace the plans' clip ratios. Returns the stored tensors per linear path: packed codes,
+    fp16 scales and biases, and the fp16 side channels when there are salient channels.
     """
-    stored: dict[str, dict[str, np.ndarray]] = {}
+    made = []
     for group_plans in plans.values():
         for plan in group_plans:
             linear = _module(block, plan.path)
-            folded = _to_np(linear.weight)
+            folded = _in_namespace(linear.weight, xp)
             rounding = roundings.get(plan.path) if roundings else None
-            qt = quantize_tensor(folded * plan.keep[None, :], spec, np, plan.clip_ratio, rounding)
-            scales, biases = to_mlx_scales_biases(qt.scales, qt.zeros.astype(np.float32))
-            deq = qt.dequantize()
-            tensors = {"weight": qt.packed, "scales": scales, "biases": biases}
-            if plan.salient_idx.size:
-                side = folded[:, plan.salient_idx].astype(np.float16)
-                tensors["salient_indices"] = plan.salient_idx.astype(np.int32)
-                tensors["salient_weight"] = side
+            if rounding is not None and xp is not np:
+                rounding = Rounding(*(xp.array(a) for a in (rounding.offset, rounding.min_ratio, rounding.max_ratio)))
+            clip = None if plan.clip_ratio is None else xp.array(plan.clip_ratio)
+            qt = quantize_tensor(folded * xp.array(plan.keep)[None, :], spec, xp, clip, rounding)
+            scales, biases = to_mlx_scales_biases(qt.scales, qt.zeros.astype(xp.float32), xp=xp)
+            deq = qt.dequantize(xp)
+            if plan.salient_idx.size:  # the side channels replace their zeroed columns
+                side = np.array(folded)[:, plan.salient_idx].astype(np.float16)
+                deq = np.array(deq)
                 deq[:, plan.salient_idx] = side.astype(np.float32)
-            _set_param(linear, "weight", deq, linear.weight)
-            stored[plan.path] = tensors
+            else:
+                side = None
+            schedule(xp, qt.packed, scales, biases, deq)
+            made.append((plan, linear, qt.packed, scales, biases, deq, side))
+    stored: dict[str, dict[str, np.ndarray]] = {}
+    for plan, linear, packed, scales, biases, deq, side in made:
+        tensors = {"weight": np.array(packed), "scales": np.array(scales), "biases": np.array(biases)}
+        if side is not None:
+            tensors["salient_indices"] = plan.salient_idx.astype(np.int32)
+            tensors["salient_weight"] = side
+        _set_param(linear, "weight", deq, linear.weight)
+        stored[plan.path] = tensors
     return stored
 
 
@@ -402,11 +438,11 @@ def _quantize_block(
             learned = learn_block_rounding(
                 block, _rounding_targets(block, plans), x, fp_out, spec, rounding.steps, rounding.batch_rows
             )
-            stored = _quantize_folded(block, plans, spec, learned.roundings)
+            stored = _quantize_folded(block, plans, spec, xp, learned.roundings)
             outcomes["awq+round"] = (_block_mse(block, x_cmp, ref_cmp), stored, plans)
             _store_float_params(block, stored)
             _restore(block, folded)  # the AWQ variant quantizes the folded float weights
-        stored = _quantize_folded(block, plans, spec)
+        stored = _quantize_folded(block, plans, spec, xp)
         block_error = _block_mse(block, x_cmp, ref_cmp)
         _store_float_params(block, stored)
         outcomes[variant] = (block_error, stored, plans)

@@ -31,6 +31,7 @@ import mlx.nn as nn
 import numpy as np
 from mlx.utils import tree_map, tree_unflatten
 
+from metal_marlin import device
 from metal_marlin.quant import QuantSpec, Rounding, fake_quantize
 
 DEFAULT_STEPS = 200
@@ -115,7 +116,6 @@ def learn_block_rounding(
     check_rounding_settings(steps, batch_rows)
     by_path = {t.path: t for t in targets}
     params = {t.path: _initial_params(t, spec) for t in targets}
-    lr = 1.0 / steps
 
     def block_loss(p: dict[str, dict[str, mx.array]], xb: mx.array, yb: mx.array) -> mx.array:
         weights = []
@@ -127,24 +127,44 @@ def learn_block_rounding(
         return mx.mean(mx.square(block(xb).astype(mx.float32) - yb))
 
     loss_and_grad = mx.value_and_grad(block_loss)
+
+    def descend(state: dict[str, Any], xb: mx.array, yb: mx.array, lr: mx.array, step: mx.array) -> dict[str, Any]:
+        """One signed-gradient step; the best parameters so far are kept on the device."""
+        loss, grads = loss_and_grad(state["params"], xb, yb)
+        better = loss < state["best_loss"]
+        return {
+            "loss": loss,
+            "params": _clamp(tree_map(lambda p, g: p - lr * mx.sign(g), state["params"], grads)),
+            "best": tree_map(lambda b, p: mx.where(better, p, b), state["best"], state["params"]),
+            "best_loss": mx.where(better, loss, state["best_loss"]),
+            "best_step": mx.where(better, step, state["best_step"]),
+        }
+
+    # On a GPU, one traced graph for every step: the block's other weights are constants of
+    # it, the parameters, batch, learning rate and step number its inputs (same shapes every step).
+    step_fn = mx.compile(descend) if device.use_compile() else descend
     rng = np.random.default_rng(seed)
     rows = x.shape[0]
     batch = min(batch_rows, rows)
-    losses: list[float] = []
-    best_loss, best_step, best = float("inf"), 0, params
+    state: dict[str, Any] = {
+        "loss": mx.array(0.0), "params": params, "best": params,
+        "best_loss": mx.array(float("inf")), "best_step": mx.array(0, dtype=mx.int32),
+    }
+    losses: list[mx.array] = []
     for step in range(steps):
         idx = mx.array(np.sort(rng.choice(rows, size=batch, replace=False)))
-        loss, grads = loss_and_grad(params, x[idx], reference[idx])
-        value = float(loss.item())
-        losses.append(value)
-        if value < best_loss:
-            best_loss, best_step, best = value, step, params
-        step_lr = lr * (1.0 - step / steps)
-        params = _clamp(tree_map(lambda p, g: p - step_lr * mx.sign(g), params, grads))
-        mx.eval(params)
+        lr = mx.array(1.0 / steps * (1.0 - step / steps), dtype=mx.float32)
+        state = step_fn(state, x[idx], reference[idx], lr, mx.array(step, dtype=mx.int32))
+        mx.async_eval(state)
+        if losses:  # stay one step ahead of the device: queue step k, then wait for step k - 1
+            mx.eval(losses[-1])
+        losses.append(state["loss"])
+    mx.eval(state)
+    loss_values = [float(v) for v in mx.stack(losses).tolist()]
+    best, best_step, best_loss = state["best"], int(state["best_step"].item()), float(state["best_loss"].item())
     block.update(tree_unflatten([(f"{t.path}.weight", t.weight if t.side is None else t.weight + t.side) for t in targets]))
     roundings = {
         path: Rounding(offset=np.array(p["offset"]), min_ratio=np.array(p["min_ratio"]), max_ratio=np.array(p["max_ratio"]))
         for path, p in best.items()
     }
-    return RoundingOutcome(roundings, losses[0], best_loss, best_step, losses)
+    return RoundingOutcome(roundings, loss_values[0], best_loss, best_step, loss_values)

@@ -23,14 +23,34 @@ import numpy as np
 
 from metal_marlin.quant import QuantSpec, fake_quantize
 
-LossFn = Callable[[Sequence[Any]], float]
-"""Maps per-layer weight errors ``W_hat - W`` (original input space) to a scalar loss."""
+LossFn = Callable[[Sequence[Any]], Any]
+"""Maps per-layer weight errors ``W_hat - W`` (original input space) to a scalar loss: a
+float, or a 0-d ``xp`` array that the search reads back with the other candidates' at once."""
 
 _MIN_STAT = 1e-4
 
 
 def _to_float(value: Any) -> float:
     return float(value.item()) if hasattr(value, "item") else float(value)
+
+
+def schedule(xp: ModuleType, *arrays: Any) -> None:
+    """Start computing lazy MLX arrays without waiting for them (numpy is eager: nothing to do).
+
+    On a GPU every read-back of a scalar stalls the host until the device queue drains; the
+    searches below score all their candidates first and read the scores back in one go.
+    """
+    if xp is not np:
+        xp.async_eval(*arrays)
+
+
+def read_floats(values: Sequence[Any]) -> list[float]:
+    """Python floats of scalars (numpy or 0-d MLX arrays), with one device read-back."""
+    if values and not isinstance(values[0], (float, int, np.generic, np.ndarray)):
+        import mlx.core as mx
+
+        return [float(v) for v in mx.stack(list(values)).tolist()]
+    return [_to_float(v) for v in values]
 
 
 class OutputError:
@@ -53,12 +73,16 @@ class OutputError:
 
     def total(self, delta: Any) -> float:
         """Output MSE for ``delta [out, in]``."""
+        return _to_float(self.total_lazy(delta))
+
+    def total_lazy(self, delta: Any) -> Any:
+        """:meth:`total` as a 0-d ``xp`` array, not read back (see :func:`read_floats`)."""
         xp = self.xp
         if self._use_gram:
             value = xp.sum((delta @ self._gram) * delta)
         else:
             value = xp.sum(xp.square(self._x @ delta.T))
-        return _to_float(value) / (self.n_tokens * delta.shape[0])
+        return value / (self.n_tokens * delta.shape[0])
 
     def group_grams(self, group_size: int) -> Any:
         """``[in/group, group, group]`` diagonal blocks of ``x.T @ x`` (cached)."""
@@ -174,19 +198,21 @@ def search_scales(
     """
     weight_stat = weight_channel_stat(weights, spec.group_size, xp) if duo_scaling else None
     targets = [w * keep[None, :] for w in weights]
-    losses: list[float] = []
-    best: tuple[float, float, Any] | None = None
-    for alpha in alpha_grid(n_grid):
+    alphas = alpha_grid(n_grid)
+    candidates: list[Any] = []
+    pending: list[Any] = []
+    for alpha in alphas:
         s = channel_scales(stat, alpha, keep, xp, weight_stat if alpha > 0 else None)
         if tie is not None:
             s = tie(s)
         deltas = [fake_quantize_scaled(w, s, keep, spec, xp) - t for w, t in zip(weights, targets)]
         value = loss(deltas)
-        losses.append(value)
-        if best is None or value < best[0]:
-            best = (value, alpha, s)
-    assert best is not None
-    return ScaleSearchResult(scales=best[2], alpha=best[1], loss=best[0], loss_rtn=losses[0], losses=losses)
+        schedule(xp, value, s)
+        candidates.append(s)
+        pending.append(value)
+    losses = read_floats(pending)
+    best = min(range(len(alphas)), key=lambda i: (losses[i], i))  # ties: the smaller alpha
+    return ScaleSearchResult(scales=candidates[best], alpha=alphas[best], loss=losses[best], loss_rtn=losses[0], losses=losses)
 
 
 def clip_ratios_grid(n_grid: int = 20, max_shrink: float = 0.5) -> list[float]:
@@ -221,6 +247,5 @@ def search_clip(
             better = err < best_err
             best_err = xp.where(better, err, best_err)
             best_ratio = xp.where(better, ratio, best_ratio)
-        if xp is not np:
-            xp.eval(best_err, best_ratio)
+        schedule(xp, best_err, best_ratio)
     return best_ratio

@@ -86,6 +86,27 @@ def test_learned_parameters_stay_in_bounds_and_the_block_gets_its_float_weights_
     assert np.array_equal(np.array(block.mlp.down_proj.weight), np.array(weight))  # float weights restored
 
 
+def test_the_compiled_step_learns_what_the_step_by_step_one_does(smollm2, tokenizer, monkeypatch) -> None:
+    """On a GPU the descent runs as one ``mx.compile``d graph per step (the block's mutation
+    inside it included); the CPU runs it op by op. Both must learn the same rounding."""
+    from metal_marlin import device
+
+    block, x = _block_and_inputs(smollm2, tokenizer, index=0, n=2, length=16)
+    reference = block(x)
+    weight = block.mlp.down_proj.weight
+    outcomes = []
+    for compiled in (False, True):
+        monkeypatch.setattr(device, "use_compile", lambda: compiled)
+        target = pipeline.RoundingTarget("mlp.down_proj", weight, None, None)
+        outcomes.append(learn_block_rounding(block, [target], x, reference, QuantSpec(bits=3, group_size=64), steps=6))
+        assert np.array_equal(np.array(block.mlp.down_proj.weight), np.array(weight))
+    eager, traced = outcomes
+    assert traced.losses == pytest.approx(eager.losses, rel=1e-4)
+    assert traced.best_step == eager.best_step and traced.best_loss < traced.first_loss
+    for key in ("offset", "min_ratio", "max_ratio"):
+        assert np.allclose(getattr(traced.roundings["mlp.down_proj"], key), getattr(eager.roundings["mlp.down_proj"], key), atol=1e-6)
+
+
 def _first_blocks(smollm2, n: int):
     from metal_marlin.models.llama import LlamaModel
 

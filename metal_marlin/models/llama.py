@@ -322,15 +322,11 @@ class MLP(nn.Module):
         return self.down_proj(self.hidden(x))
 
 
-COMPILE_ENV = "MM_COMPILE"
-_COMPILE_ALLOWED = os.environ.get(COMPILE_ENV, "1") != "0"  # read once: asked per block per step
-
-
 def compiled_decode_enabled() -> bool:
     """Whether decode steps run the compiled block (:meth:`DecoderBlock._decode_compiled`):
-    on a GPU, unless ``MM_COMPILE=0`` (read at import). On the CPU graph building is not
-    the bottleneck and the uncompiled path keeps its bit-for-bit batching guarantees."""
-    return _COMPILE_ALLOWED and device.on_gpu()
+    :func:`metal_marlin.device.use_compile`. On the CPU the uncompiled path also keeps its
+    bit-for-bit batching guarantees."""
+    return device.use_compile()
 
 
 class TransformerBlock(nn.Module):
