@@ -260,7 +260,12 @@ def main() -> None:
     main_jobs = [(*job, args.n_samples, args.seq_len) for job in jobs]
     # A calibration-table entry at the main calibration is a row of the main table: run once.
     shared = [job for job in calibration if job in main_jobs]
-    planned = main_jobs + [job for job in calibration if job not in main_jobs]
+    extra = [job for job in calibration if job not in main_jobs]
+    # The calibration table (first model) runs right after that model's rows, before the next
+    # model's: a run cut short by its budget still has the first model complete with its table.
+    first_model_end = sum(1 for job in main_jobs if job[0] == models[0])
+    planned = main_jobs[:first_model_end] + extra + main_jobs[first_model_end:]
+    is_calibration = [index >= first_model_end and index < first_model_end + len(extra) for index in range(len(planned))]
 
     results: list[dict[str, Any]] = []
     calibration_results: list[dict[str, Any]] = []
@@ -308,7 +313,7 @@ def main() -> None:
                 save()
                 continue
             result = json.loads(done.stdout.strip().splitlines()[-1])
-            (calibration_results if index >= len(jobs) else results).append(result)
+            (calibration_results if is_calibration[index] else results).append(result)
             if (model_name, variant, bits, group, n, length) in shared:
                 calibration_results.append(result)
             print(json.dumps(result), file=sys.stderr, flush=True)

@@ -3,7 +3,8 @@
 # text onto a GPU machine that has no internet and no package registry (the lent H200),
 # through calls that each carry at most 64 MiB.
 #
-#   here:        bash scripts/device_setup.sh prepare      (MM_DEVICE_ASSETS=0: without model and text)
+#   here:        bash scripts/device_setup.sh prepare      (MM_DEVICE_ASSETS=0: without model and text;
+#                                                          MM_DEVICE_ASSETS=smollm2: without Gemma 3, 4 calls fewer)
 #                -> .device/c1 .. .device/cN (git-ignored), each 62 MiB or less, and the
 #                   number N of calls it takes
 #   on the GPU:  call k < N:  carry [".device/ck"],  command: bash scripts/device_setup.sh receive
@@ -24,10 +25,10 @@
 # Everything else the project imports travels as a wheel, pinned to the versions tested here.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-stage="$here/.device"
+stage="$here/${MM_DEVICE_STAGE:-.device}"  # must lie under .device/ (git-ignored)
 parts_dir="${MM_DEVICE_PARTS:-/root/parts}"
 site="${MM_DEVICE_SITE:-/tmp/site}"
-part_size=$((62 * 1024 * 1024))  # + the working tree (~1.4 MiB) stays under a call's 64 MiB
+part_size=$((58 * 1024 * 1024))  # + the working tree (~2.3 MiB, docs images included) stays under a call's 64 MiB
 
 WHEELS=(
   mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2
@@ -52,7 +53,9 @@ prepare() {
   python3 -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 \
     --platform manylinux2014_x86_64 --platform any -d "$stage/wheels" "${WHEELS[@]}"
-  if [ "${MM_DEVICE_ASSETS:-1}" != "0" ]; then
+  if [ "${MM_DEVICE_ASSETS:-1}" = "smollm2" ]; then
+    python3 -m pip wheel --quiet --no-deps -w "$stage/wheels" "${ASSETS[@]:0:3}"
+  elif [ "${MM_DEVICE_ASSETS:-1}" != "0" ]; then
     python3 -m pip wheel --quiet --no-deps -w "$stage/wheels" "${ASSETS[@]}"
   fi
   (cd "$stage" && tar -cf bundle.tar wheels && rm -rf wheels)
@@ -74,7 +77,7 @@ prepare() {
 receive() {
   mkdir -p "$parts_dir"
   local manifest=""
-  for d in "$here"/.device/c*; do
+  for d in "$stage"/c*; do
     [ -d "$d" ] || continue
     cp "$d"/part_* "$parts_dir/"
     manifest="$d/MANIFEST"

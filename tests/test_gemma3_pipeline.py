@@ -129,7 +129,14 @@ def test_mlx_lm_loads_our_gemma_and_agrees(gemma_g128, engine_g128) -> None:
     assert their_tokenizer.encode(EIFFEL) == ids
     their_logits = np.array(theirs(mx.array([ids])).astype(mx.float32))
     exact = np.array(ours(mx.array([ids])))
-    assert np.array_equal(exact.argmax(-1), their_logits.argmax(-1))
+    # Greedy tokens agree wherever the top two logits are further apart than the two models
+    # differ (a near-tie, e.g. 0.003 apart against 0.03 of difference, is a coin toss), and
+    # at the last position, where both say Paris.
+    top2 = np.sort(exact[0], axis=-1)[:, -2:]
+    decided = top2[:, 1] - top2[:, 0] > 2 * np.abs(exact[0] - their_logits[0]).max(axis=-1)
+    assert decided.sum() >= len(ids) - 2 and decided[-1]
+    assert np.array_equal(exact[0].argmax(-1)[decided], their_logits[0].argmax(-1)[decided])
+    assert exact[0, -1].argmax() == their_logits[0, -1].argmax() == PARIS
     scale = ours.model.embed_scale
     ours.model.embed_scale = float(mx.array(scale, dtype=mx.bfloat16).astype(mx.float32).item())
     try:
