@@ -249,6 +249,21 @@ def test_cancel_a_running_job_from_its_page(page: Any, server: Server) -> None:
     assert server.job(job_id)["status"] == "cancelled"
 
 
+def test_an_upload_goes_to_the_files_api_and_its_error_is_shown(page: Any, server: Server, tmp_path: Path) -> None:
+    """The "Upload a .gguf file" choice sends the file with the key; a file that is no GGUF is
+    refused by the API, and the page says why instead of submitting a job."""
+    fake = tmp_path / "not-a-model.gguf"
+    fake.write_bytes(b"this is not a GGUF file")
+    jobs_before = server.http.get("/v1/quantization/jobs").json()["data"]
+    page.goto(server.url + "/")
+    page.get_by_label("Model", exact=True).select_option(label="Upload a .gguf file…")
+    page.get_by_label("Model file (.gguf)").set_input_files(str(fake))
+    page.get_by_role("button", name="Quantize").click()
+    alert = page.locator(".submit .error")
+    sync_api.expect(alert).to_contain_text("GGUF magic", timeout=30_000)
+    assert server.http.get("/v1/quantization/jobs").json()["data"] == jobs_before
+
+
 def test_pages_fit_400px_label_every_field_and_work_from_the_keyboard(page: Any, server: Server) -> None:
     page.set_viewport_size({"width": 400, "height": 800})
     for route in ("#/", f"#/jobs/{server.shared_job}", "#/chat"):

@@ -50,13 +50,14 @@ export function jobsView(root, signal) {
   }
 
   function show(jobs) {
-    for (const job of jobs) {
+    jobs.forEach((job, i) => {
       let row = rows.get(job.id);
       if (!row) rows.set(job.id, (row = jobRow(job)));
       else if (!row.live) row.update(job); // a followed job's stream is fresher than the list
-      list.append(row.node); // in list order, newest first
+      // in list order, newest first; rows already in place stay put (moving one drops its focus)
+      if (list.children[i] !== row.node) list.insertBefore(row.node, list.children[i] || null);
       follow(row);
-    }
+    });
     empty.hidden = rows.size > 0;
   }
 
