@@ -8,7 +8,6 @@ in the API's error shape; the files ship as package data.
 from __future__ import annotations
 
 import re
-import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -95,6 +94,7 @@ def test_only_well_named_files_are_served(tmp_path: Path) -> None:
 
 def test_console_files_are_package_data() -> None:
     """A non-editable install must ship the files (setuptools skips non-Python files otherwise)."""
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
     config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
     patterns = config["tool"]["setuptools"]["package-data"]["service"]
     names = {p.name for p in CONSOLE_DIR.iterdir()}
