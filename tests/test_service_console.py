@@ -7,7 +7,10 @@ in the API's error shape; the files ship as package data.
 
 from __future__ import annotations
 
+import json
 import re
+import shutil
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -100,3 +103,28 @@ def test_console_files_are_package_data() -> None:
     names = {p.name for p in CONSOLE_DIR.iterdir()}
     for name in names:
         assert any(Path("console", name).match(pattern) for pattern in patterns), name
+
+
+def test_the_sse_parser_in_node() -> None:
+    """sse.js, which every live view reads its streams with, on the cases a fetch() body brings:
+    events split across chunks, CRLF line ends, keepalive comments, multi-line data, ids."""
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node to run the console's JavaScript outside a browser (apt-get install nodejs)")
+    script = """
+      import { parseSSE } from %s;
+      const out = [];
+      let rest = "";
+      for (const chunk of ["id: qjev-1\\r\\ndata: {\\"a\\"", ":1}\\r\\n\\r", "\\n: keepalive\\n\\n", "data: x\\r", "\\ndata: y\\n\\nda", "ta: [DONE]\\n\\n"]) {
+        const [events, left] = parseSSE(rest + chunk);
+        out.push(...events);
+        rest = left;
+      }
+      console.log(JSON.stringify({ out, rest }));
+    """ % json.dumps((CONSOLE_DIR / "sse.js").as_uri())
+    done = subprocess.run([node, "--input-type=module", "-e", script], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {
+        "out": [{"id": "qjev-1", "data": '{"a":1}'}, {"id": None, "data": "x\ny"}, {"id": None, "data": "[DONE]"}],
+        "rest": "",
+    }

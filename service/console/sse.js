@@ -4,7 +4,9 @@
 /** Split complete SSE blocks off `buffer`; returns [events, rest]. An event is {id, data}. */
 export function parseSSE(buffer) {
   const events = [];
-  const text = buffer.replace(/\r\n?/g, "\n");
+  // a chunk may end between the \r and \n of one line end: keep that \r for the next call
+  const hold = buffer.endsWith("\r") ? "\r" : "";
+  const text = buffer.slice(0, buffer.length - hold.length).replace(/\r\n?/g, "\n");
   let start = 0;
   for (let end = text.indexOf("\n\n"); end !== -1; end = text.indexOf("\n\n", start)) {
     const block = text.slice(start, end);
@@ -22,7 +24,7 @@ export function parseSSE(buffer) {
     }
     if (data.length) events.push({ id, data: data.join("\n") });
   }
-  return [events, text.slice(start)];
+  return [events, text.slice(start) + hold];
 }
 
 /**

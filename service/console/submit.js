@@ -11,6 +11,8 @@ function numberInput(id, value, { min, max, step = 1 }) {
   return h("input", { id, name: id, type: "number", value: String(value), min: String(min), max: String(max), step: String(step), required: true, inputmode: "decimal" });
 }
 
+const uploadLabel = (file) => `${file.filename} (uploaded, ${formatBytes(file.bytes)})`;
+
 /** Models a job can quantize: built-in and served ones (job results are already quantized). */
 async function quantizableModels(signal) {
   const [models, files] = await Promise.all([
@@ -18,7 +20,7 @@ async function quantizableModels(signal) {
     api("/v1/files?purpose=model", { signal }).catch(() => ({ data: [] })),
   ]);
   const names = models.data.map((m) => m.id).filter((id) => !id.startsWith("qjob-")).map((id) => [id, id]);
-  const uploads = files.data.map((f) => [f.id, `${f.filename} (uploaded, ${formatBytes(f.bytes)})`]);
+  const uploads = files.data.map((f) => [f.id, uploadLabel(f)]);
   return [...names, ...uploads, [UPLOAD, "Upload a .gguf file…"]];
 }
 
@@ -62,6 +64,10 @@ export function submitForm({ signal, onSubmitted }) {
     status.textContent = `Uploading ${chosen.name} (${formatBytes(chosen.size)})…`;
     const uploaded = await upload(chosen, "model", (sent, total) => { uploadBar.max = total; uploadBar.value = sent; });
     uploadBar.hidden = true;
+    // pick the upload from now on: a retried submission (after a refused setting) does not send it again
+    model.insertBefore(h("option", { value: uploaded.id }, uploadLabel(uploaded)), model.lastChild);
+    model.value = uploaded.id;
+    model.dispatchEvent(new Event("change"));
     return uploaded.id;
   }
 
