@@ -17,6 +17,7 @@ from starlette.concurrency import run_in_threadpool
 import metal_marlin
 from jobstore import open_store
 from service import files, jobs, openai_api
+from service.console import console_router
 from service.config import Settings
 from service.errors import install_error_handlers, register_server_paths
 from service.metrics import CONTENT_TYPE, ServiceMetrics
@@ -43,6 +44,7 @@ OpenAI-compatible completions served from AWQ-quantized models, and a quantizati
   its job id.
 - Errors are always `{"error": {"message", "type", "param", "code"}}`.
 - `/v1` routes need `Authorization: Bearer <key>` when the server has an API key.
+- `/`: a web console (jobs with live progress, results with plots, a chat playground) built on this API.
 """
 
 
@@ -87,6 +89,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
     app.include_router(openai_api.router)
     app.include_router(jobs.router)
     app.include_router(files.router)
+    app.include_router(console_router())
 
     @app.get(
         "/health",

@@ -48,6 +48,8 @@ def serve(
         worker_jobs=run_jobs,
     )
     app = create_app(settings)
+    # the one line a new user needs: where the browser console is
+    logging.getLogger("metal_marlin.service").info("web console: http://%s:%d/", "127.0.0.1" if host in ("0.0.0.0", "::") else host, port)
     uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
 
 

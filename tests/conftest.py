@@ -158,3 +158,10 @@ def postgres_url(postgres_server):
     name, url = postgres_server.new_schema()
     yield url
     postgres_server.drop_schema(name)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--console-screenshots", default=None, metavar="DIR",
+        help="tests/test_console_browser.py also saves a screenshot of each web console page to DIR (the README's images)",
+    )
