@@ -42,15 +42,12 @@ def singles(engine):
     return {name: engine.generate(prompt, params) for name, (prompt, params) in REQUESTS.items()}
 
 
-def assert_same(batched, single, exact: bool):
+def assert_same(batched, single, atol: float = 1e-4):
     assert batched.token_ids == single.token_ids
     assert batched.text == single.text and batched.finish_reason == single.finish_reason
     assert batched.completion_tokens == single.completion_tokens
     if single.logprobs is not None:
-        if exact:
-            assert batched.logprobs == single.logprobs  # bit-identical floats
-        else:
-            np.testing.assert_allclose(batched.logprobs, single.logprobs, rtol=0, atol=1e-4)
+        np.testing.assert_allclose(batched.logprobs, single.logprobs, rtol=0, atol=atol)
 
 
 def test_batched_equals_single_sequence(engine, singles):
@@ -66,7 +63,7 @@ def test_batched_equals_single_sequence(engine, singles):
     sched.run_until_idle()
     assert sched.num_active == 0 and sched.num_waiting == 0
     for name in names:
-        assert_same(handles[name].result(timeout=0), singles[name], exact=False)
+        assert_same(handles[name].result(timeout=0), singles[name])
     assert singles["stop"].text == " Pa" and "😀" in singles["emoji"].text
     assert sched.stats["decode_tokens"] > 2 * sched.stats["decode_steps"]  # really batched
 
@@ -87,14 +84,16 @@ def _batched_and_single(engine: Engine) -> list[tuple[GenerationResult, Generati
     return [(h.result(timeout=0), engine.generate(p, params)) for h, (p, params) in zip(handles, QUANTIZED_REQUESTS)]
 
 
-def test_batched_quantized_is_bit_identical(smollm2):
-    """All-4-bit model on the int4 kernel: quantized_matmul, attention and RoPE treat rows
-    independently on the CPU backend and padding adds exact zeros, so batched logprobs equal
-    single ones bitwise."""
+def test_batched_quantized_matches_single_to_rounding(smollm2):
+    """All-4-bit model on the int4 kernel: quantized_matmul and RoPE treat rows independently
+    on the CPU backend, so the one difference left is attention over left-padded keys. Masked
+    keys add exact zeros, but on some CPUs (an AVX-512 Xeon: 1.2e-7 in the attention output)
+    the longer reduction rounds differently, so batched logprobs equal single ones to 1e-4 (there:
+    up to 2.3e-5; on an AVX2 EPYC they were bit-identical); tokens are equal."""
     engine = Engine(quantized_copy(smollm2), builtin_tokenizer(smollm2.metadata), smollm2.metadata,
                     dense_cpu_weights=False)
     for batched, single in _batched_and_single(engine):
-        assert_same(batched, single, exact=True)
+        assert_same(batched, single)
 
 
 def test_batched_quantized_with_float32_copies_matches_single(smollm2):
@@ -104,7 +103,7 @@ def test_batched_quantized_with_float32_copies_matches_single(smollm2):
                     dense_cpu_weights=True)
     assert engine.dense_weight_bytes > 0
     for batched, single in _batched_and_single(engine):
-        assert_same(batched, single, exact=False)
+        assert_same(batched, single)
 
 
 def test_threaded_events_aevents_and_result(engine, singles):
@@ -122,7 +121,7 @@ def test_threaded_events_aevents_and_result(engine, singles):
     assert "".join(e.text for e in events) == singles["emoji"].text and events[-1].finished
     assert all("\ufffd" not in e.text for e in events)
     assert "".join(e.text for e in async_events) == " Pa" and async_events[-1].finish_reason == "stop"
-    assert_same(result, singles["greedy"], exact=False)
+    assert_same(result, singles["greedy"])
     # a late subscriber still sees the whole stream
     assert [e.token_id for e in h_sync.events()] == [e.token_id for e in events]
 

@@ -32,13 +32,14 @@ alone with the same pieces, sample its first token from the same logits with the
 per-row PRNG stream (the seed), and decode with ``Engine.forward_last``. What can differ is
 floating-point rounding in the decode forward, because the batch shape differs:
 
-* padding does not change results on MLX's CPU backend: masked keys contribute exact zeros
-  and the attention, RoPE and ``quantized_matmul`` kernels compute each row independently
-  of the others (measured: bit-identical). So with a fully quantized model (all linear
-  layers, embedding and head 4-bit, as ``mlx.nn.quantize`` makes them) batched logits are
-  *bit-identical* to single-sequence logits on the CPU backend, and so are greedy and
-  seeded tokens (tested) — when the engine runs the int4 kernel for every row
-  (``dense_cpu_weights=False``). By default the CPU engine serves batches of 2+ rows from
+* on MLX's CPU backend the RoPE and ``quantized_matmul`` kernels compute each row
+  independently of the others, and masked (padding) keys contribute exact zeros to
+  attention; whether the longer, padded reduction rounds like the unpadded one depends on
+  the CPU's vector code (an AVX2 EPYC: bit-identical; an AVX-512 Xeon: 1.2e-7 in the
+  attention output). So with a fully quantized model (all linear layers, embedding and
+  head 4-bit, as ``mlx.nn.quantize`` makes them) batched logprobs equal single-sequence ones
+  bitwise or to a few 1e-5, and greedy and seeded tokens are equal (tested) — when the engine
+  runs the int4 kernel for every row (``dense_cpu_weights=False``). By default the CPU engine serves batches of 2+ rows from
   float32 copies through ``sgemm`` (see ``cache_dense_cpu_weights``), and the next point
   applies to them.
 * float (unquantized) matrices go through BLAS ``sgemm``, whose summation order depends
