@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 import metal_marlin
 from jobstore import open_store
+from jobstore.results import open_results
 from service import files, jobs, openai_api
 from service.config import Settings
 from service.errors import install_error_handlers, register_server_paths
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
             else:
                 await state.supervisor.client.aclose()
             state.store.close()  # a Postgres store's pool and listener (SQLite: this thread's connection)
+            state.results.close()
 
     app = FastAPI(
         title="metal-marlin",
@@ -73,6 +75,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.data_dir)
+    results = open_results(settings.data_dir)
     supervisor = WorkerSupervisor(settings, store, on_restart=lambda: metrics.worker_restarts.inc())
     metrics = ServiceMetrics(
         job_counts=store.counts,
@@ -80,7 +83,7 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
         worker_device=lambda: supervisor.ready_info.get("device_info"),
         worker_generation=lambda: supervisor.ready_info.get("generation"),
     )
-    app.state.mm = ServiceState(settings=settings, store=store, supervisor=supervisor, metrics=metrics)
+    app.state.mm = ServiceState(settings=settings, store=store, results=results, supervisor=supervisor, metrics=metrics)
 
     install_error_handlers(app)
     register_server_paths(settings.data_dir, settings.roots)

@@ -38,7 +38,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from jobstore import Job, is_job_id
-from jobstore.layout import holds_weights, result_dir
 from metal_marlin.assets import BUILTIN_MODELS, builtin_model_installed, builtin_model_path, installed_builtin_models
 from service.auth import require_api_key
 from service.errors import APIError, error_responses, sse_error
@@ -88,9 +87,9 @@ def _job_card(job: Job) -> ModelCard:
 
 
 def _job_files_present(state: ServiceState, job: Job) -> bool:
-    """Whether a succeeded job's result is still on disk (what the worker loads, and the
-    result download's default file)."""
-    return holds_weights(result_dir(state.settings.data_dir, job.id))
+    """Whether a succeeded job's result is still in the result store (what the worker loads,
+    and the result download's default file)."""
+    return state.results.holds_weights(job.id)
 
 
 def _known_models(state: ServiceState) -> list[ModelCard]:
@@ -99,7 +98,8 @@ def _known_models(state: ServiceState) -> list[ModelCard]:
     out (they cannot be used)."""
     cards = [_builtin_card(name) for name in installed_builtin_models()]
     cards += [_served_card(name, path) for name, path in state.settings.served_models.items() if path.exists()]
-    cards += [_job_card(job) for job in state.store.succeeded_jobs() if _job_files_present(state, job)]
+    published = state.results.published()  # one listing, not a probe per job
+    cards += [_job_card(job) for job in state.store.succeeded_jobs() if job.id in published]
     return cards
 
 
@@ -117,7 +117,7 @@ def _model_card(state: ServiceState, model_id: str) -> ModelCard:
         job = state.store.get(model_id) if is_job_id(model_id) else None
         if job is None or job.status != "succeeded":
             raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
-        card, present, where = _job_card(job), _job_files_present(state, job), result_dir(state.settings.data_dir, job.id)
+        card, present, where = _job_card(job), _job_files_present(state, job), state.results.location
     if not present:  # the path is for the operator's log, never for the client
         log.warning("model %s cannot be used: its files are gone from %s", model_id, where)
         raise APIError(409, f"the files of model {model_id!r} are no longer on the server; it cannot be used", param="model", code="model_files_missing")

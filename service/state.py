@@ -1,4 +1,4 @@
-"""What the routes share: settings, the job store, the worker supervisor, metrics."""
+"""What the routes share: settings, the job store, the result store, the worker supervisor, metrics."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from fastapi import Request
 
 from jobstore import JobStore
+from jobstore.results import ResultStore
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.supervisor import WorkerSupervisor
@@ -16,6 +17,7 @@ from service.supervisor import WorkerSupervisor
 class ServiceState:
     settings: Settings
     store: JobStore
+    results: ResultStore
     supervisor: WorkerSupervisor
     metrics: ServiceMetrics
     inflight: int = 0

@@ -1,10 +1,11 @@
 """The worker's job loop: claim a queued job, run it in a child process, publish the result.
 
-Results live in ``<data>/jobs/<job_id>/``. A job writes into
-``<data>/jobs/.staging/<job_id>.<attempt>/``; only after the child exits successfully does
-the runner rename that folder into place (one ``rename``, atomic on one file system) and then
-mark the job ``succeeded`` (guarded: only if it is still this worker's running job; otherwise
-the folder is removed again). A result is therefore visible exactly when its job has
+A job writes into ``<data>/jobs/.staging/<job_id>.<attempt>/``; only after the child exits
+successfully does the runner publish that folder to the result store (:mod:`jobstore.results`:
+by default one ``rename`` into ``<data>/jobs/<job_id>/``, atomic on one file system; on S3 the
+manifest put last) and then mark the job ``succeeded`` (guarded: only if it is still this
+worker's running job; otherwise the result is removed again, unless another worker has
+meanwhile succeeded with the same job). A result is therefore visible exactly when its job has
 succeeded, whatever crashes in between. Before the rename the runner records the SHA-256 of
 every file in ``.checksums.json`` (and in the job's result), so a reader can verify a visible
 result against what the job wrote.
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from jobstore import Job, JobStore, is_job_id
-from jobstore.layout import data_bytes, holds_weights, jobs_dir, remove_tree, result_dir, result_summary, spec_formats, write_checksums
+from jobstore.layout import data_bytes, holds_weights, jobs_dir, remove_tree, result_summary, results_cache_dir, spec_formats, write_checksums
+from jobstore.results import LocalResults, ResultStore
 from jobstore.redact import redact_paths, server_locations
 from worker.job_process import EXIT_CANCELLED, EXIT_INVALID, EXIT_LOST, EXIT_OK
 from worker.proc import describe_exit
@@ -40,16 +42,21 @@ log = logging.getLogger("metal_marlin.worker.jobs")
 
 
 def cleanup_data_dir(store: JobStore, data_dir: Path) -> None:
-    """At worker start: drop staging/trash leftovers and result folders of jobs that did not succeed."""
+    """At worker start: drop staging/trash leftovers, and local result folders (published ones
+    and fetched copies of shared ones) of jobs that did not succeed."""
     root = jobs_dir(data_dir)
     root.mkdir(parents=True, exist_ok=True)
+    cache = results_cache_dir(data_dir)
     for name in (".staging", ".trash"):
         shutil.rmtree(root / name, ignore_errors=True)
-    for child in root.iterdir():
-        if child.is_dir() and is_job_id(child.name):
-            job = store.get(child.name)
-            if job is None or job.status != "succeeded":
-                remove_tree(child, root / ".trash")
+    for name in (".tmp", ".trash"):
+        shutil.rmtree(cache / name, ignore_errors=True)
+    for folder in (root, cache):
+        for child in folder.iterdir() if folder.is_dir() else ():
+            if child.is_dir() and is_job_id(child.name):
+                job = store.get(child.name)
+                if job is None or job.status != "succeeded":
+                    remove_tree(child, folder / ".trash")
 
 
 class JobRunner:
@@ -67,8 +74,10 @@ class JobRunner:
         poll_interval_s: float = 1.0,
         cancel_grace_s: float = 10.0,
         max_data_bytes: int | None = None,
+        results: ResultStore | None = None,
     ) -> None:
         self.store = store
+        self.results = results if results is not None else LocalResults(Path(data_dir))
         self.data_dir = Path(data_dir)
         self.worker_id = worker_id
         self.roots = roots
@@ -179,6 +188,21 @@ class JobRunner:
         staged files are counted already: they sit under ``jobs/.staging``.)"""
         return self.max_data_bytes is not None and data_bytes(self.data_dir) > self.max_data_bytes
 
+    def _publish(self, job: Job, staging: Path) -> None:
+        """Checksums, publish, then ``succeeded``; a job that stopped being ours (requeued after
+        this worker was presumed dead) publishes nothing over another worker's result."""
+        write_checksums(staging)
+        summary = result_summary(staging)
+        if not self.store.still_owned(job.id, self.worker_id):
+            log.warning("job %s: finished, but it is no longer this worker's; discarding the result", job.id)
+            return
+        self.results.publish(job.id, staging)
+        if not self.store.finish(job.id, self.worker_id, "succeeded", result=summary, message="Job succeeded"):
+            current = self.store.get(job.id)
+            log.warning("job %s: finished, but it is no longer this worker's; discarding the result", job.id)
+            if current is None or current.status != "succeeded":
+                self.results.delete(job.id)
+
     def _finish(self, job: Job, returncode: int, staging: Path, error_file: Path, shutdown: bool) -> None:
         trash = jobs_dir(self.data_dir) / ".trash"
         error: dict[str, Any] | None = None
@@ -202,14 +226,7 @@ class JobRunner:
                     "delete old results or uploads and submit the job again",
                 }
             elif returncode == EXIT_OK:
-                final = result_dir(self.data_dir, job.id)
-                write_checksums(staging)
-                remove_tree(final, trash)
-                os.rename(staging, final)
-                summary = result_summary(final)
-                if not self.store.finish(job.id, self.worker_id, "succeeded", result=summary, message="Job succeeded"):
-                    log.warning("job %s: finished, but it is no longer this worker's; discarding the result", job.id)
-                    remove_tree(final, trash)
+                self._publish(job, staging)
                 return
             cancelled = returncode == EXIT_CANCELLED or (returncode < 0 and self.store.cancel_requested(job.id))
             if cancelled:
