@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from jobstore import MAX_ATTEMPTS_ENV, MAX_DATA_BYTES_ENV, JobStore
+from jobstore.node import worker_node
 from service.config import Settings
 from worker.proc import describe_exit
 from worker.protocol import WORKER_TOKEN_HEADER
@@ -202,8 +203,9 @@ class WorkerSupervisor:
         log.error("worker process %s", how)
         reason = f"The worker process {how} while this job was running"
         try:
-            settled = await asyncio.to_thread(
-                self.store.recover_running, reason, code="worker_crashed", max_attempts=self.settings.job_max_attempts
+            settled = await asyncio.to_thread(  # only our worker's jobs: others may share the store
+                self.store.recover_running, reason, code="worker_crashed", max_attempts=self.settings.job_max_attempts,
+                node=worker_node(self.settings.data_dir),
             )
         except Exception:  # noqa: BLE001
             log.exception("could not settle the crashed worker's jobs")

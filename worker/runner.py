@@ -30,8 +30,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jobstore import Job, JobStore, is_job_id
+from jobstore import DEFAULT_MAX_ATTEMPTS, Job, JobStore, is_job_id
 from jobstore.layout import data_bytes, holds_weights, jobs_dir, remove_tree, result_summary, results_cache_dir, spec_formats, write_checksums
+from jobstore.node import DEFAULT_LEASE_S
 from jobstore.results import LocalResults, ResultStore
 from jobstore.redact import redact_paths, server_locations
 from worker.job_process import EXIT_CANCELLED, EXIT_INVALID, EXIT_LOST, EXIT_OK
@@ -75,8 +76,16 @@ class JobRunner:
         cancel_grace_s: float = 10.0,
         max_data_bytes: int | None = None,
         results: ResultStore | None = None,
+        node: str | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
         self.store = store
+        self.node = node
+        #: a running job's lease: heartbeats every third of it; others' jobs past it are taken back
+        self.lease_s = lease_s
+        self.max_attempts = max_attempts
+        self._next_reap = 0.0
         self.results = results if results is not None else LocalResults(Path(data_dir))
         self.data_dir = Path(data_dir)
         self.worker_id = worker_id
@@ -115,10 +124,23 @@ class JobRunner:
         return self._thread is not None and self._thread.is_alive()
 
     # -- loop -----------------------------------------------------------------------------
+    def _reap_lost(self) -> None:
+        """Take back jobs whose worker stopped heartbeating (a host that died or lost the
+        network), by the retry policy; at most every half lease."""
+        now = time.time()
+        if now < self._next_reap:
+            return
+        self._next_reap = now + self.lease_s / 2
+        reason = f"The worker running this job stopped answering (no heartbeat for {self.lease_s:g} s)"
+        settled = self.store.recover_running(reason, code="worker_lost", max_attempts=self.max_attempts, stale_before=now - self.lease_s)
+        if settled.requeued or settled.failed or settled.cancelled:
+            log.warning("jobs of a lost worker: requeued %s, failed %s, cancelled %s", settled.requeued, settled.failed, settled.cancelled)
+
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                job = self.store.claim(self.worker_id)
+                self._reap_lost()
+                job = self.store.claim(self.worker_id, self.node)
             except Exception:  # noqa: BLE001 - a locked/busy database must not kill the loop
                 log.exception("could not claim a job")
                 job = None
@@ -162,6 +184,7 @@ class JobRunner:
         self._child = child = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
         cancel_seen_at: float | None = None
         stopped_for_shutdown = False
+        next_beat = time.monotonic() + self.lease_s / 3
         try:
             while True:
                 try:
@@ -169,6 +192,12 @@ class JobRunner:
                     break
                 except subprocess.TimeoutExpired:
                     pass
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.lease_s / 3
+                    try:
+                        self.store.heartbeat(job.id, self.worker_id)
+                    except Exception:  # noqa: BLE001 - a busy database: the lease has two more beats
+                        log.warning("job %s: could not record a heartbeat", job.id, exc_info=True)
                 if self._stopping.is_set() and not stopped_for_shutdown:
                     stopped_for_shutdown = True
                     child.send_signal(signal.SIGKILL)
