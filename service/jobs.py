@@ -284,12 +284,8 @@ def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, An
 
 
 async def _wake_worker(state: ServiceState) -> None:
-    if not state.supervisor.ready:
-        return
-    try:
-        await state.supervisor.client.post("/jobs/wake", timeout=2.0)
-    except Exception:  # noqa: BLE001 - best effort; the worker polls anyway
-        log.debug("could not wake the worker", exc_info=True)
+    """Best effort: every worker polls the queue anyway."""
+    await state.supervisor.broadcast("POST", "/jobs/wake", timeout_s=2.0)
 
 
 @router.post(
@@ -533,9 +529,5 @@ async def delete_job(job_id: JobId, request: Request) -> DeletedJob:
     except JobStateError as exc:
         raise APIError(409, str(exc), code="job_not_finished") from exc
     await run_in_threadpool(state.results.delete, job_id)
-    if state.supervisor.ready:
-        try:
-            await state.supervisor.client.post(f"/models/{job_id}/unload", timeout=5.0)
-        except Exception:  # noqa: BLE001 - the worker re-checks the job on every request anyway
-            log.debug("could not ask the worker to unload %s", job_id, exc_info=True)
+    await state.supervisor.broadcast("POST", f"/models/{job_id}/unload")  # each worker re-checks the job on every request anyway
     return DeletedJob(id=job_id, deleted=True)

@@ -82,6 +82,11 @@ def _served_card(name: str, path: Any) -> ModelCard:
     return _file_card(name, lambda: path)
 
 
+def _remote_card(name: str) -> ModelCard:
+    """A model that a worker host serves by name (its files are on that host, not here)."""
+    return ModelCard(id=name, created=0, owned_by=OWNER)
+
+
 def _job_card(job: Job) -> ModelCard:
     return ModelCard(id=job.id, created=int(job.finished_at or job.created_at), owned_by=OWNER)
 
@@ -98,6 +103,7 @@ def _known_models(state: ServiceState) -> list[ModelCard]:
     out (they cannot be used)."""
     cards = [_builtin_card(name) for name in installed_builtin_models()]
     cards += [_served_card(name, path) for name, path in state.settings.served_models.items() if path.exists()]
+    cards += [_remote_card(name) for name in sorted(state.supervisor.served_models() - set(state.settings.served_models))]
     published = state.results.published()  # one listing, not a probe per job
     cards += [_job_card(job) for job in state.store.succeeded_jobs() if job.id in published]
     return cards
@@ -111,6 +117,8 @@ def _model_card(state: ServiceState, model_id: str) -> ModelCard:
             raise APIError(404, f"the model {model_id!r} is not installed on this server", param="model", code="model_not_found")
         return _builtin_card(model_id)
     served = state.settings.served_models.get(model_id)
+    if served is None and model_id in state.supervisor.served_models():  # a worker host serves it: its files are there
+        return _remote_card(model_id)
     if served is not None:
         card, present, where = _served_card(model_id, served), served.exists(), served
     else:
@@ -201,9 +209,10 @@ class GenerationRun:
         self.state = state
         self.endpoint = endpoint
         self.model = model
-        settings = state.settings
-        idle = settings.stream_idle_timeout_s if stream else None  # a JSON answer has no stream to keep alive
-        self.relay = WorkerGenerations(state.supervisor.client, payloads, timeout_s=settings.request_timeout_s, idle_timeout_s=idle)
+        self.payloads = payloads
+        self.idle_timeout_s = state.settings.stream_idle_timeout_s if stream else None  # a JSON answer has no stream to keep alive
+        self.relay: WorkerGenerations | None = None
+        self.worker: Any = None  # where the generations run (service.workers.RemoteWorker, or the supervisor)
         self.choices = [ChoiceState(i, i // n) for i in range(len(payloads))]
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -214,10 +223,34 @@ class GenerationRun:
         self.state.inflight += 1
         self.state.metrics.inflight.set(self.state.inflight)
         try:
-            await self.relay.open()
+            await self._open_on_a_worker()
         except BaseException as exc:
             self._finish("timeout" if isinstance(exc, GenerationTimeout) else "error")
             raise
+
+    async def _open_on_a_worker(self) -> None:
+        """Open the generations on the best worker for the model (:meth:`WorkerPool.candidates`);
+        a worker that cannot be reached is marked down and the request, not started anywhere
+        yet, moves to the next one."""
+        workers = self.state.supervisor.candidates(self.model)
+        if not workers:
+            raise APIError(503, "no worker is ready; retry shortly", code="worker_unavailable", headers={"Retry-After": "5"})
+        for n, worker in enumerate(workers):
+            relay = WorkerGenerations(worker.client, self.payloads, timeout_s=self.state.settings.request_timeout_s, idle_timeout_s=self.idle_timeout_s)
+            worker.inflight += 1
+            try:
+                await relay.open()
+            except APIError as exc:
+                worker.inflight -= 1
+                if exc.code != "worker_unavailable" or n == len(workers) - 1:
+                    raise
+                self.state.supervisor.mark_down(worker, exc.message)
+                continue
+            except BaseException:
+                worker.inflight -= 1
+                raise
+            self.relay, self.worker = relay, worker
+            return
 
     def account(self, item: Item) -> None:
         choice, line = self.choices[item.index], item.line
@@ -253,6 +286,8 @@ class GenerationRun:
         if self._counted:
             return
         self._counted = True
+        if self.worker is not None:
+            self.worker.inflight -= 1
         self.state.inflight -= 1
         self.state.metrics.inflight.set(self.state.inflight)
         self.state.metrics.generations.inc(endpoint=self.endpoint, outcome=outcome)
@@ -265,7 +300,8 @@ class GenerationRun:
         # worker streams must really be closed so the worker stops generating.
         with anyio.CancelScope(shield=True):
             try:
-                await self.relay.aclose()
+                if self.relay is not None:
+                    await self.relay.aclose()
             finally:
                 self._finish(outcome)
 

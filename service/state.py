@@ -11,6 +11,7 @@ from jobstore.results import ResultStore
 from service.config import Settings
 from service.metrics import ServiceMetrics
 from service.supervisor import WorkerSupervisor
+from service.workers import WorkerPool
 
 
 @dataclass
@@ -18,7 +19,8 @@ class ServiceState:
     settings: Settings
     store: JobStore
     results: ResultStore
-    supervisor: WorkerSupervisor
+    #: the gateway's own worker, or worker hosts elsewhere (same methods for the routes)
+    supervisor: WorkerSupervisor | WorkerPool
     metrics: ServiceMetrics
     inflight: int = 0
 
