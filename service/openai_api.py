@@ -190,6 +190,10 @@ def _admit(state: ServiceState, endpoint: str) -> None:
         raise APIError(429, f"too many requests in flight (limit {limit}); retry shortly", code="too_many_requests", headers={"Retry-After": "1"})
 
 
+#: Refusals after which a request tries the next worker (it has not started on this one).
+MOVE_ON = frozenset({"worker_unavailable", "worker_not_ready", "insufficient_memory"})
+
+
 @dataclass
 class ChoiceState:
     index: int
@@ -230,8 +234,8 @@ class GenerationRun:
 
     async def _open_on_a_worker(self) -> None:
         """Open the generations on the best worker for the model (:meth:`WorkerPool.candidates`);
-        a worker that cannot be reached is marked down and the request, not started anywhere
-        yet, moves to the next one."""
+        a worker that cannot be reached (or is not ready) is marked down and the request, not
+        started anywhere yet, moves to the next one; so does one that a full worker refuses."""
         workers = self.state.supervisor.candidates(self.model)
         if not workers:
             raise APIError(503, "no worker is ready; retry shortly", code="worker_unavailable", headers={"Retry-After": "5"})
@@ -242,9 +246,10 @@ class GenerationRun:
                 await relay.open()
             except APIError as exc:
                 worker.inflight -= 1
-                if exc.code != "worker_unavailable" or n == len(workers) - 1:
+                if exc.code not in MOVE_ON or n == len(workers) - 1:
                     raise
-                self.state.supervisor.mark_down(worker, exc.message)
+                if exc.code != "insufficient_memory":  # that one is alive, only full
+                    self.state.supervisor.mark_down(worker, exc.message)
                 continue
             except BaseException:
                 worker.inflight -= 1

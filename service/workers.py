@@ -166,6 +166,10 @@ class WorkerPool:
             await w.client.aclose()
             await w.probe.aclose()
 
+    async def aclose(self) -> None:
+        """Close the clients of a pool that never started (tests, the OpenAPI export)."""
+        await self.stop()
+
     async def _probe(self, worker: RemoteWorker) -> None:
         try:
             resp = await worker.probe.get("/ready")

@@ -283,3 +283,35 @@ def test_routing_prefers_the_worker_with_the_model_then_the_least_loaded() -> No
     assert pool.candidates("other") == [b, a]
     assert pool.candidates("only-b") == [b] and pool.served_models() == {"only-b"}
     assert pool.ready_info["loaded_models"] == ["m"] and pool.ready
+
+
+def test_a_request_moves_on_when_its_worker_cannot_be_reached_or_is_full(tmp_path: Path) -> None:
+    """The open of a generation is where a request may still move: an unreachable worker is
+    marked down, a full one (503 insufficient_memory) is skipped but stays up."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    def dead(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    def full(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(503, json={"error": {"message": "no room", "type": "service_unavailable_error", "param": None, "code": "insufficient_memory"}})
+
+    def alive(request: httpx.Request) -> httpx.Response:
+        lines = [{"event": "start", "prompt_tokens": 1}, {"event": "token", "text": " there", "token_id": 7},
+                 {"event": "done", "finish_reason": "length", "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}]
+        return httpx.Response(200, content="".join(json.dumps(x) + "\n" for x in lines).encode())
+
+    app = create_app(Settings(data_dir=tmp_path, api_key=KEY, workers=("http://dead:1", "http://full:2", "http://alive:3")), start_worker=False)
+    pool = app.state.mm.supervisor
+    for worker, handler in zip(pool.workers, (dead, full, alive)):
+        worker.client = httpx.AsyncClient(base_url=worker.url, transport=httpx.MockTransport(handler))
+        worker.ready, worker.info = True, {"loaded_models": [], "active_requests": 0, "max_batch_size": 16}
+    with TestClient(app) as client:
+        resp = client.post("/v1/completions", json={"model": "smollm2-135m-instruct", "prompt": "Hi", "max_tokens": 1}, headers=AUTH)
+    assert resp.status_code == 200, resp.text
+    assert resp.json()["choices"][0]["text"] == " there"
+    assert [w.ready for w in pool.workers] == [False, True, True]
+    assert [w.inflight for w in pool.workers] == [0, 0, 0]
