@@ -83,13 +83,29 @@ class JobStore(ABC):
         """Remove a finished job with its events and keys; ``JobStateError`` while it runs."""
 
     @abstractmethod
-    def recover_running(self, reason: str, *, code: str, max_attempts: int, worker: str | None = None) -> Recovery:
-        """Settle the running jobs of a process that is gone, by the retry policy (see :mod:`jobstore.sql`)."""
+    def recover_running(
+        self,
+        reason: str,
+        *,
+        code: str,
+        max_attempts: int,
+        worker: str | None = None,
+        node: str | None = None,
+        stale_before: float | None = None,
+    ) -> Recovery:
+        """Settle the running jobs of a process that is gone (all, one ``worker``'s, one host
+        ``node``'s, or those without a heartbeat since ``stale_before``), by the retry policy
+        (see :mod:`jobstore.sql`)."""
 
     # -- jobs: the worker's side ------------------------------------------------------
     @abstractmethod
-    def claim(self, worker: str) -> Job | None:
-        """Move the oldest queued job to running for ``worker`` (its claim token), or None."""
+    def claim(self, worker: str, node: str | None = None) -> Job | None:
+        """Move the oldest queued job to running for ``worker`` (its claim token; ``node``: its
+        host, see :func:`jobstore.node.worker_node`), or None."""
+
+    @abstractmethod
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        """Renew ``worker``'s lease on its running job; False when the job is no longer its own."""
 
     @abstractmethod
     def record_progress(self, job_id: str, worker: str, progress: dict[str, Any], message: str) -> bool:

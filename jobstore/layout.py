@@ -76,6 +76,12 @@ def result_dir(data_dir: Path, job_id: str) -> Path:
     return jobs_dir(data_dir) / job_id
 
 
+def results_cache_dir(data_dir: Path) -> Path:
+    """``<data>/cache/results``: where a worker keeps copies of results fetched from a shared
+    result store (see :mod:`jobstore.results`); not counted by the quota."""
+    return Path(data_dir) / "cache" / "results"
+
+
 def holds_weights(folder: Path, fmt: str = "mlx") -> bool:
     """Whether a result folder (published or staged) has the weights of format ``fmt``: what
     loading it and its default download need."""

@@ -75,6 +75,13 @@ def dumps(value: Any) -> str | None:
     return None if value is None else json.dumps(value, separators=(",", ":"))
 
 
+#: running -> queued: the claim, its host, lease and progress are cleared (attempts stay).
+REQUEUE_SQL = (
+    "UPDATE jobs SET status = 'queued', worker = NULL, worker_node = NULL, heartbeat_at = NULL, started_at = NULL, progress = NULL "
+    "WHERE id = ?"
+)
+
+
 def job_from_row(row: Row) -> Job:
     return Job(
         id=row["id"],
@@ -282,8 +289,19 @@ class SQLJobStore(JobStore):
             db.execute("DELETE FROM jobs WHERE id = ?", (job_id,))
         return job_from_row(row)
 
-    def recover_running(self, reason: str, *, code: str, max_attempts: int, worker: str | None = None) -> Recovery:
-        """Settle every running job (of ``worker`` when given) whose process is gone.
+    def recover_running(
+        self,
+        reason: str,
+        *,
+        code: str,
+        max_attempts: int,
+        worker: str | None = None,
+        node: str | None = None,
+        stale_before: float | None = None,
+    ) -> Recovery:
+        """Settle the running jobs whose process is gone: all of them, or only those claimed by
+        ``worker``, by a worker of ``node`` (a host's worker that restarted), or whose last
+        heartbeat is older than ``stale_before`` (a worker elsewhere that stopped answering).
 
         The retry policy: a job goes back to the queue while it has started fewer than
         ``max_attempts`` times; after that it fails with ``code``. A job whose cancellation
@@ -293,10 +311,14 @@ class SQLJobStore(JobStore):
             raise ValueError(f"max_attempts must be at least 1, got {max_attempts}")
         now = time.time()
         out = Recovery()
+        where, args = ["status = 'running'"], []
+        for clause, value in (("worker = ?", worker), ("worker_node = ?", node), ("COALESCE(heartbeat_at, started_at) < ?", stale_before)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
         with self._tx() as db:
-            mine, args = ("", ()) if worker is None else (" AND worker = ?", (worker,))
             rows = db.execute(
-                f"SELECT id, attempts, cancel_requested FROM jobs WHERE status = 'running'{mine} ORDER BY id{self.FOR_UPDATE}", args
+                f"SELECT id, attempts, cancel_requested FROM jobs WHERE {' AND '.join(where)} ORDER BY id{self.FOR_UPDATE}", args
             ).fetchall()
             for row in rows:
                 job_id, attempts = row["id"], row["attempts"]
@@ -306,7 +328,7 @@ class SQLJobStore(JobStore):
                     self._add_event(db, job_id, "cancelled", f"Job cancelled ({reason})", now=now, data=data)
                     out.cancelled.append(job_id)
                 elif attempts < max_attempts:
-                    db.execute("UPDATE jobs SET status = 'queued', worker = NULL, started_at = NULL, progress = NULL WHERE id = ?", (job_id,))
+                    db.execute(REQUEUE_SQL, (job_id,))
                     message = f"{reason}; attempt {attempts} of {max_attempts} did not complete, so the job is queued again"
                     self._add_event(db, job_id, "requeued", message, level="warning", now=now, data=data)
                     out.requeued.append(job_id)
@@ -321,17 +343,17 @@ class SQLJobStore(JobStore):
         return out
 
     # -- worker-side transitions ------------------------------------------------------------
-    def claim(self, worker: str) -> Job | None:
-        """Atomically move the oldest queued job to running for ``worker``."""
+    def claim(self, worker: str, node: str | None = None) -> Job | None:
+        """Atomically move the oldest queued job to running for ``worker`` (of host ``node``)."""
         now = time.time()
         with self._tx() as db:
             row = db.execute(f"SELECT id FROM jobs WHERE status = 'queued' ORDER BY id LIMIT 1{self.FOR_CLAIM}").fetchone()
             if row is None:
                 return None
             cur = db.execute(
-                "UPDATE jobs SET status = 'running', started_at = ?, worker = ?, attempts = attempts + 1, "
-                "progress = NULL, error = NULL WHERE id = ? AND status = 'queued'",
-                (now, worker, row["id"]),
+                "UPDATE jobs SET status = 'running', started_at = ?, heartbeat_at = ?, worker = ?, worker_node = ?, "
+                "attempts = attempts + 1, progress = NULL, error = NULL WHERE id = ? AND status = 'queued'",
+                (now, now, worker, node, row["id"]),
             )
             if cur.rowcount != 1:
                 return None
@@ -350,6 +372,14 @@ class SQLJobStore(JobStore):
                 return False
             self._add_event(db, job_id, "progress", message, now=now, data=progress)
         return True
+
+    def heartbeat(self, job_id: str, worker: str) -> bool:
+        """Record that ``worker`` still runs ``job_id``; False when it is no longer its job."""
+        with self._tx() as db:
+            cur = db.execute(
+                "UPDATE jobs SET heartbeat_at = ? WHERE id = ? AND status = 'running' AND worker = ?", (time.time(), job_id, worker)
+            )
+            return cur.rowcount == 1
 
     def add_event(self, job_id: str, type: str, message: str, *, level: str = "info", data: dict[str, Any] | None = None) -> None:
         """Append an event to a job; ``KeyError`` when there is no such job."""
@@ -405,7 +435,7 @@ class SQLJobStore(JobStore):
                 db.execute("UPDATE jobs SET status = 'cancelled', finished_at = ? WHERE id = ?", (now, job_id))
                 self._add_event(db, job_id, "cancelled", "Job cancelled", now=now)
             else:
-                db.execute("UPDATE jobs SET status = 'queued', worker = NULL, started_at = NULL, progress = NULL WHERE id = ?", (job_id,))
+                db.execute(REQUEUE_SQL, (job_id,))
                 self._add_event(db, job_id, "requeued", message, level="warning", now=now)
         return True
 

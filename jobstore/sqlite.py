@@ -76,6 +76,9 @@ _MIGRATIONS: tuple[tuple[int, str], ...] = (
     (1, _SCHEMA_V1),
     # who submitted a job (a digest of the API key), for per-key limits
     (2, "ALTER TABLE jobs ADD COLUMN owner TEXT;\nCREATE INDEX IF NOT EXISTS jobs_by_owner ON jobs (owner, status);"),
+    # which worker host claimed a job, and when its worker last said it was alive (per-host
+    # recovery and leases when several workers share the store)
+    (3, "ALTER TABLE jobs ADD COLUMN worker_node TEXT;\nALTER TABLE jobs ADD COLUMN heartbeat_at REAL;"),
 )
 SCHEMA_VERSION = _MIGRATIONS[-1][0]
 

@@ -16,6 +16,7 @@ from starlette.concurrency import run_in_threadpool
 
 import metal_marlin
 from jobstore import open_store
+from jobstore.results import open_results
 from service import files, jobs, openai_api
 from service.console import console_router
 from service.config import Settings
@@ -25,6 +26,7 @@ from service.middleware import BodySizeLimit, RequestMetrics, TrailingSlash
 from service.schemas import Health
 from service.state import ServiceState, get_state
 from service.supervisor import WorkerSupervisor
+from service.workers import WorkerPool
 
 log = logging.getLogger("metal_marlin.service")
 
@@ -64,8 +66,9 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
             if start_worker:
                 await state.supervisor.stop()
             else:
-                await state.supervisor.client.aclose()
+                await state.supervisor.aclose()
             state.store.close()  # a Postgres store's pool and listener (SQLite: this thread's connection)
+            state.results.close()
 
     app = FastAPI(
         title="metal-marlin",
@@ -75,14 +78,19 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
     )
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.data_dir)
-    supervisor = WorkerSupervisor(settings, store, on_restart=lambda: metrics.worker_restarts.inc())
+    results = open_results(settings.data_dir)
+    supervisor: WorkerSupervisor | WorkerPool
+    if settings.workers:  # worker hosts elsewhere: probe and route, start none
+        supervisor = WorkerPool(settings)
+    else:
+        supervisor = WorkerSupervisor(settings, store, on_restart=lambda: metrics.worker_restarts.inc())
     metrics = ServiceMetrics(
         job_counts=store.counts,
         worker_up=lambda: supervisor.ready,
         worker_device=lambda: supervisor.ready_info.get("device_info"),
         worker_generation=lambda: supervisor.ready_info.get("generation"),
     )
-    app.state.mm = ServiceState(settings=settings, store=store, supervisor=supervisor, metrics=metrics)
+    app.state.mm = ServiceState(settings=settings, store=store, results=results, supervisor=supervisor, metrics=metrics)
 
     install_error_handlers(app)
     register_server_paths(settings.data_dir, settings.roots)
@@ -105,9 +113,11 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
             device = sup.ready_info.get("device_info") or {}
             info.update({k: device.get(k) for k in WORKER_DEVICE_FIELDS})
             info["restarts"] = sup.restarts
-            return JSONResponse(Health(status="ok", worker=info).model_dump())
+            return JSONResponse(_health_body(Health(status="ok", worker=info, workers=sup.workers_info())))
         worker = {"restarts": sup.restarts, "last_exit": sup.last_exit}
-        return JSONResponse(Health(status="starting" if sup.restarts == 0 else "unavailable", worker=worker).model_dump(), status_code=503, headers={"Retry-After": "5"})
+        status = "starting" if sup.restarts == 0 else "unavailable"
+        body = _health_body(Health(status=status, worker=worker, workers=sup.workers_info()))
+        return JSONResponse(body, status_code=503, headers={"Retry-After": "5"})
 
     @app.get(
         "/metrics",
@@ -127,6 +137,14 @@ def create_app(settings: Settings | None = None, *, start_worker: bool = True) -
     app.add_middleware(RequestMetrics, metrics=metrics)
     app.add_middleware(TrailingSlash)
     return app
+
+
+def _health_body(health: Health) -> dict:
+    """The answer of ``/health``; ``workers`` only when the gateway fronts several."""
+    body = health.model_dump()
+    if body.get("workers") is None:
+        body.pop("workers", None)
+    return body
 
 
 def _use_error_shape_in_openapi(app: FastAPI) -> None:

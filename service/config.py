@@ -17,6 +17,10 @@
 ``MM_WORKER_SOCKET``     Unix socket of the worker (``<data>/run/worker.sock``)
 ``MM_WORKER_URL``        use an already running worker at this URL (``unix:/path`` or
                          ``http://127.0.0.1:port``) instead of starting one
+``MM_WORKERS``           worker hosts to front over TCP, comma-separated ``http(s)://host:port``
+                         (``--worker URL``, repeatable); the gateway then starts no worker
+``MM_WORKER_TOKEN``      the token every internal request carries (shared with those workers;
+                         unset: a random one for the gateway's own worker)
 ``MM_WORKER_MEMORY_MB``  memory budget of the worker's loaded models (4096)
 ``MM_WORKER_THREADS``    BLAS/OpenMP threads of the worker (CPU count)
 ``MM_WORKER_JOBS``       ``0`` to run a generation-only worker (jobs stay queued)
@@ -38,6 +42,7 @@ import hashlib
 import os
 import secrets
 import tempfile
+from urllib.parse import urlsplit
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -81,6 +86,22 @@ def _env_bool(name: str, default: bool) -> bool:
     raise ValueError(f"{name} must be a boolean (1/0), got {raw!r}")
 
 
+def parse_worker_urls(urls: Any) -> list[str]:
+    """``http(s)://host:port`` worker URLs (blank entries dropped, duplicates refused)."""
+    out: list[str] = []
+    for raw in urls or ():
+        url = str(raw).strip().rstrip("/")
+        if not url:
+            continue
+        parsed = urlsplit(url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path or parsed.query:
+            raise ValueError(f"a worker URL must be http(s)://host:port, got {url!r} (MM_WORKERS, --worker)")
+        if url in out:
+            raise ValueError(f"worker {url!r} is named twice (MM_WORKERS, --worker)")
+        out.append(url)
+    return out
+
+
 def default_socket_path(data_dir: Path) -> Path:
     """``<data>/run/worker.sock``, or a short path under the temp dir if that is too long."""
     path = data_dir.resolve() / "run" / "worker.sock"
@@ -113,6 +134,8 @@ class Settings:
     stream_idle_timeout_s: float = 60.0
     worker_socket: Path | None = None
     worker_url: str | None = None
+    #: Worker hosts the gateway fronts over TCP (``--worker URL``, ``MM_WORKERS``); it starts none.
+    workers: tuple[str, ...] = ()
     worker_memory_mb: int = 4096
     worker_threads: int | None = None
     worker_jobs: bool = True
@@ -124,6 +147,9 @@ class Settings:
         self.served_models = parse_served_models(self.served_models)
         if self.api_key == "":
             self.api_key = None
+        self.workers = tuple(parse_worker_urls(self.workers))
+        if self.workers and self.worker_url is not None:
+            raise ValueError("give either several workers (--worker, MM_WORKERS) or one worker URL (--worker-url, MM_WORKER_URL), not both")
         if self.worker_socket is None and self.worker_url is None:
             self.worker_socket = default_socket_path(self.data_dir)
         if self.worker_socket is not None:
@@ -155,7 +181,7 @@ class Settings:
     @property
     def spawn_worker(self) -> bool:
         """Start and supervise our own worker (unless ``worker_url`` names an external one)."""
-        return self.worker_url is None
+        return self.worker_url is None and not self.workers
 
     @property
     def roots(self) -> list[Path]:
@@ -182,10 +208,13 @@ class Settings:
             "stream_idle_timeout_s": _env_float("MM_STREAM_IDLE_TIMEOUT", 60.0),
             "worker_socket": Path(os.environ["MM_WORKER_SOCKET"]) if os.environ.get("MM_WORKER_SOCKET") else None,
             "worker_url": os.environ.get("MM_WORKER_URL") or None,
+            "workers": tuple(os.environ.get("MM_WORKERS", "").split(",")),
             "worker_memory_mb": _env_int("MM_WORKER_MEMORY_MB", 4096),
             "worker_threads": int(threads) if threads else None,
             "worker_jobs": _env_bool("MM_WORKER_JOBS", True),
         }
+        if os.environ.get("MM_WORKER_TOKEN"):  # shared with workers on other hosts
+            values["worker_token"] = os.environ["MM_WORKER_TOKEN"]
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 

@@ -33,7 +33,7 @@ from starlette.requests import ClientDisconnect
 from jobstore import FILE_PURPOSES, FileInUse, JobStore, StoredFile, is_file_id, new_file_id
 from jobstore.layout import files_dir, stored_file_path
 from service.auth import require_api_key
-from service.downloads import file_download
+from service.downloads import file_download, open_local
 from service.errors import APIError, error_responses
 from service.middleware import too_large_message
 from service.multipart import MultipartError, MultipartReader, PartData, PartEnd, PartStart, boundary_from_content_type
@@ -268,7 +268,7 @@ def get_file_content(file_id: FileId, request: Request) -> StreamingResponse:
     state = get_state(request)
     record = _file_or_404(state.store, file_id)
     return file_download(
-        stored_file_path(state.settings.data_dir, record.id),
+        open_local(stored_file_path(state.settings.data_dir, record.id)),
         download_name=record.filename,
         ascii_name=record.id,
         media_type="application/octet-stream",

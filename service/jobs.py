@@ -31,7 +31,7 @@ from pathlib import Path as PathType  # ``Path`` is FastAPI's path parameter her
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Header, Path, Query, Request, Response
-from fastapi.responses import StreamingResponse
+from fastapi.responses import RedirectResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from jobstore import (
@@ -47,7 +47,7 @@ from jobstore import (
     is_job_id,
     parse_event_id,
 )
-from jobstore.layout import format_dir, jobs_dir, remove_tree, result_dir
+from jobstore.results import result_rel
 from metal_marlin.assets import BUILTIN_MODEL_NAME, BUILTIN_MODELS, builtin_model_path
 from service.auth import request_owner, require_api_key
 from service.downloads import file_download
@@ -284,12 +284,8 @@ def build_spec(body: QuantizationJobCreate, state: ServiceState) -> dict[str, An
 
 
 async def _wake_worker(state: ServiceState) -> None:
-    if not state.supervisor.ready:
-        return
-    try:
-        await state.supervisor.client.post("/jobs/wake", timeout=2.0)
-    except Exception:  # noqa: BLE001 - best effort; the worker polls anyway
-        log.debug("could not wake the worker", exc_info=True)
+    """Best effort: every worker polls the queue anyway."""
+    await state.supervisor.broadcast("POST", "/jobs/wake", timeout_s=2.0)
 
 
 @router.post(
@@ -483,10 +479,12 @@ async def list_events(
     description="`model.safetensors` by default; `file` picks another file of the result "
     "(`config.json`, `quant_stats.json`, tokenizer files; see the job's `result_files`). `format=autoawq` "
     "downloads from the AutoAWQ GEMM export instead (see `autoawq_result_files`); 409 if the job was not "
-    "exported that way (see its `result_formats`). 409 until the job has succeeded.",
+    "exported that way (see its `result_formats`). 409 until the job has succeeded. When the server keeps "
+    "results on S3 with presigned downloads (`MM_RESULTS_PRESIGN_S`), a 307 redirect to a time-limited URL instead.",
     response_class=StreamingResponse,
     responses={
         200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}, "description": "The file"},
+        307: {"description": "Presigned downloads: the file's time-limited URL in `Location`"},
         **error_responses(400, 401, 404, 409),
     },
 )
@@ -495,7 +493,7 @@ def get_result(
     request: Request,
     file: Annotated[str, Query(max_length=255, description="A file name from result_files (or autoawq_result_files)")] = "model.safetensors",
     format: Annotated[ExportFormat, Query(description="`mlx`: the native result; `autoawq`: its AutoAWQ GEMM export")] = "mlx",
-) -> StreamingResponse:
+) -> Response:
     state = get_state(request)
     job = _job_or_404(state, job_id)
     if job.status != "succeeded":
@@ -507,8 +505,12 @@ def get_result(
     if file not in names:
         raise APIError(400, f"the {format} result has no file {file!r}; available: {sorted(names)}", param="file", code="invalid_file")
     name = file if format == "mlx" else f"{format}-{file}"
+    rel = result_rel(format, file)
+    url = state.results.presigned_url(job_id, rel)
+    if url is not None:  # MM_RESULTS_PRESIGN_S: the client fetches it from the store itself
+        return RedirectResponse(url, status_code=307)
     return file_download(
-        format_dir(result_dir(state.settings.data_dir, job_id), format) / file,
+        state.results.open_file(job_id, rel),
         download_name=f"{job_id}-{name}",
         ascii_name=f"{job_id}-{name}",
         media_type="application/json" if file.endswith(".json") else "application/octet-stream",
@@ -526,11 +528,6 @@ async def delete_job(job_id: JobId, request: Request) -> DeletedJob:
         raise APIError(404, f"no quantization job {job_id!r}", param="job_id", code="job_not_found") from exc
     except JobStateError as exc:
         raise APIError(409, str(exc), code="job_not_finished") from exc
-    data_dir = state.settings.data_dir
-    await run_in_threadpool(remove_tree, result_dir(data_dir, job_id), jobs_dir(data_dir) / ".trash")
-    if state.supervisor.ready:
-        try:
-            await state.supervisor.client.post(f"/models/{job_id}/unload", timeout=5.0)
-        except Exception:  # noqa: BLE001 - the worker re-checks the job on every request anyway
-            log.debug("could not ask the worker to unload %s", job_id, exc_info=True)
+    await run_in_threadpool(state.results.delete, job_id)
+    await state.supervisor.broadcast("POST", f"/models/{job_id}/unload")  # each worker re-checks the job on every request anyway
     return DeletedJob(id=job_id, deleted=True)

@@ -23,6 +23,7 @@ def serve(
     model_roots: str | None = None,
     served_models: Sequence[str] | None = None,
     worker_url: str | None = None,
+    workers: Sequence[str] | None = None,
     worker_memory_mb: int | None = None,
     run_jobs: bool | None = None,
     log_level: str = "info",
@@ -34,7 +35,8 @@ def serve(
     ``MM_WORKER_JOBS``; see :mod:`service.config`). ``served_models``: ``NAME=PATH`` entries
     (see :mod:`worker.served`); a bad name or a missing path raises ValueError before anything
     starts. ``worker_url`` attaches to an already running worker instead (give that worker the
-    same served models).
+    same served models); ``workers`` (``http(s)://`` URLs) fronts several worker hosts
+    (:mod:`service.workers`).
     """
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s service[%(process)d] %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per worker call is noise
@@ -44,6 +46,7 @@ def serve(
         model_roots=model_roots,
         served_models=served_models,
         worker_url=worker_url,
+        workers=tuple(workers) if workers else None,
         worker_memory_mb=worker_memory_mb,
         worker_jobs=run_jobs,
     )
@@ -63,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", dest="served_models", action="append", default=None, metavar="NAME=PATH",
                         help="serve a local .gguf file or model folder as NAME (repeatable; default: MM_SERVED_MODELS)")
     parser.add_argument("--worker-url", default=None, help="use a running worker (unix:/path or http://127.0.0.1:port)")
+    parser.add_argument("--worker", dest="workers", action="append", default=None, metavar="URL",
+                        help="front a worker host over TCP (repeatable; default: MM_WORKERS); no worker is started")
     parser.add_argument("--worker-memory-mb", type=int, default=None)
     parser.add_argument("--no-jobs", action="store_true", help="the worker serves generation only")
     parser.add_argument("--log-level", default="info")
@@ -70,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve(
             args.host, args.port, args.data_dir, args.api_key,
-            model_roots=args.model_roots, served_models=args.served_models, worker_url=args.worker_url, worker_memory_mb=args.worker_memory_mb,
+            model_roots=args.model_roots, served_models=args.served_models, worker_url=args.worker_url, workers=args.workers, worker_memory_mb=args.worker_memory_mb,
             run_jobs=False if args.no_jobs else None, log_level=args.log_level,
         )
     except (ValueError, ConnectionError) as exc:  # bad MM_* settings or --model entries, MM_DATABASE_URL unreachable

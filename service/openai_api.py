@@ -38,7 +38,6 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from jobstore import Job, is_job_id
-from jobstore.layout import holds_weights, result_dir
 from metal_marlin.assets import BUILTIN_MODELS, builtin_model_installed, builtin_model_path, installed_builtin_models
 from service.auth import require_api_key
 from service.errors import APIError, error_responses, sse_error
@@ -83,14 +82,19 @@ def _served_card(name: str, path: Any) -> ModelCard:
     return _file_card(name, lambda: path)
 
 
+def _remote_card(name: str) -> ModelCard:
+    """A model that a worker host serves by name (its files are on that host, not here)."""
+    return ModelCard(id=name, created=0, owned_by=OWNER)
+
+
 def _job_card(job: Job) -> ModelCard:
     return ModelCard(id=job.id, created=int(job.finished_at or job.created_at), owned_by=OWNER)
 
 
 def _job_files_present(state: ServiceState, job: Job) -> bool:
-    """Whether a succeeded job's result is still on disk (what the worker loads, and the
-    result download's default file)."""
-    return holds_weights(result_dir(state.settings.data_dir, job.id))
+    """Whether a succeeded job's result is still in the result store (what the worker loads,
+    and the result download's default file)."""
+    return state.results.holds_weights(job.id)
 
 
 def _known_models(state: ServiceState) -> list[ModelCard]:
@@ -99,7 +103,9 @@ def _known_models(state: ServiceState) -> list[ModelCard]:
     out (they cannot be used)."""
     cards = [_builtin_card(name) for name in installed_builtin_models()]
     cards += [_served_card(name, path) for name, path in state.settings.served_models.items() if path.exists()]
-    cards += [_job_card(job) for job in state.store.succeeded_jobs() if _job_files_present(state, job)]
+    cards += [_remote_card(name) for name in sorted(state.supervisor.served_models() - set(state.settings.served_models))]
+    published = state.results.published()  # one listing, not a probe per job
+    cards += [_job_card(job) for job in state.store.succeeded_jobs() if job.id in published]
     return cards
 
 
@@ -111,13 +117,15 @@ def _model_card(state: ServiceState, model_id: str) -> ModelCard:
             raise APIError(404, f"the model {model_id!r} is not installed on this server", param="model", code="model_not_found")
         return _builtin_card(model_id)
     served = state.settings.served_models.get(model_id)
+    if served is None and model_id in state.supervisor.served_models():  # a worker host serves it: its files are there
+        return _remote_card(model_id)
     if served is not None:
         card, present, where = _served_card(model_id, served), served.exists(), served
     else:
         job = state.store.get(model_id) if is_job_id(model_id) else None
         if job is None or job.status != "succeeded":
             raise APIError(404, f"the model {model_id!r} does not exist", param="model", code="model_not_found")
-        card, present, where = _job_card(job), _job_files_present(state, job), result_dir(state.settings.data_dir, job.id)
+        card, present, where = _job_card(job), _job_files_present(state, job), state.results.location
     if not present:  # the path is for the operator's log, never for the client
         log.warning("model %s cannot be used: its files are gone from %s", model_id, where)
         raise APIError(409, f"the files of model {model_id!r} are no longer on the server; it cannot be used", param="model", code="model_files_missing")
@@ -182,6 +190,10 @@ def _admit(state: ServiceState, endpoint: str) -> None:
         raise APIError(429, f"too many requests in flight (limit {limit}); retry shortly", code="too_many_requests", headers={"Retry-After": "1"})
 
 
+#: Refusals after which a request tries the next worker (it has not started on this one).
+MOVE_ON = frozenset({"worker_unavailable", "worker_not_ready", "insufficient_memory"})
+
+
 @dataclass
 class ChoiceState:
     index: int
@@ -201,9 +213,10 @@ class GenerationRun:
         self.state = state
         self.endpoint = endpoint
         self.model = model
-        settings = state.settings
-        idle = settings.stream_idle_timeout_s if stream else None  # a JSON answer has no stream to keep alive
-        self.relay = WorkerGenerations(state.supervisor.client, payloads, timeout_s=settings.request_timeout_s, idle_timeout_s=idle)
+        self.payloads = payloads
+        self.idle_timeout_s = state.settings.stream_idle_timeout_s if stream else None  # a JSON answer has no stream to keep alive
+        self.relay: WorkerGenerations | None = None
+        self.worker: Any = None  # where the generations run (service.workers.RemoteWorker, or the supervisor)
         self.choices = [ChoiceState(i, i // n) for i in range(len(payloads))]
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -214,10 +227,35 @@ class GenerationRun:
         self.state.inflight += 1
         self.state.metrics.inflight.set(self.state.inflight)
         try:
-            await self.relay.open()
+            await self._open_on_a_worker()
         except BaseException as exc:
             self._finish("timeout" if isinstance(exc, GenerationTimeout) else "error")
             raise
+
+    async def _open_on_a_worker(self) -> None:
+        """Open the generations on the best worker for the model (:meth:`WorkerPool.candidates`);
+        a worker that cannot be reached (or is not ready) is marked down and the request, not
+        started anywhere yet, moves to the next one; so does one that a full worker refuses."""
+        workers = self.state.supervisor.candidates(self.model)
+        if not workers:
+            raise APIError(503, "no worker is ready; retry shortly", code="worker_unavailable", headers={"Retry-After": "5"})
+        for n, worker in enumerate(workers):
+            relay = WorkerGenerations(worker.client, self.payloads, timeout_s=self.state.settings.request_timeout_s, idle_timeout_s=self.idle_timeout_s)
+            worker.inflight += 1
+            try:
+                await relay.open()
+            except APIError as exc:
+                worker.inflight -= 1
+                if exc.code not in MOVE_ON or n == len(workers) - 1:
+                    raise
+                if exc.code != "insufficient_memory":  # that one is alive, only full
+                    self.state.supervisor.mark_down(worker, exc.message)
+                continue
+            except BaseException:
+                worker.inflight -= 1
+                raise
+            self.relay, self.worker = relay, worker
+            return
 
     def account(self, item: Item) -> None:
         choice, line = self.choices[item.index], item.line
@@ -253,6 +291,8 @@ class GenerationRun:
         if self._counted:
             return
         self._counted = True
+        if self.worker is not None:
+            self.worker.inflight -= 1
         self.state.inflight -= 1
         self.state.metrics.inflight.set(self.state.inflight)
         self.state.metrics.generations.inc(endpoint=self.endpoint, outcome=outcome)
@@ -265,7 +305,8 @@ class GenerationRun:
         # worker streams must really be closed so the worker stops generating.
         with anyio.CancelScope(shield=True):
             try:
-                await self.relay.aclose()
+                if self.relay is not None:
+                    await self.relay.aclose()
             finally:
                 self._finish(outcome)
 

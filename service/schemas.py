@@ -481,3 +481,12 @@ class Health(BaseModel):
             "`cancel_lag_steps_max`. Otherwise: `restarts` and `last_exit`."
         ),
     )
+    workers: list[dict[str, Any]] | None = Field(
+        default=None,
+        description=(
+            "With several workers (`--worker URL`, `MM_WORKERS`): one entry per worker, `url`, `ready`, "
+            "`worker_id`, `device`, `device_name`, `free_bytes` (its model memory left), `loaded_models`, "
+            "`active_requests`, `current_job`; `status` is `ok` while any of them is ready, and `worker` "
+            "then describes the first ready one."
+        ),
+    )

@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 
 from jobstore import MAX_ATTEMPTS_ENV, MAX_DATA_BYTES_ENV, JobStore
+from jobstore.node import worker_node
 from service.config import Settings
 from worker.proc import describe_exit
 from worker.protocol import WORKER_TOKEN_HEADER
@@ -48,6 +49,17 @@ def make_worker_client(settings: Settings, timeout_s: float) -> httpx.AsyncClien
         transport = httpx.AsyncHTTPTransport(uds=uds, limits=limits)
         return httpx.AsyncClient(transport=transport, base_url="http://worker", timeout=timeout, headers=headers)
     return httpx.AsyncClient(base_url=url, timeout=timeout, limits=limits, headers=headers)
+
+
+async def cancel_task(task: asyncio.Task[None] | None) -> None:
+    """Cancel a watcher task and wait until it has ended, whatever it raised."""
+    if task is None:
+        return
+    task.cancel()
+    try:
+        await task
+    except (asyncio.CancelledError, Exception):  # noqa: BLE001
+        pass
 
 
 class WorkerSupervisor:
@@ -83,12 +95,7 @@ class WorkerSupervisor:
     async def stop(self, timeout_s: float = 20.0) -> None:
         self._stopping = True
         self._set_ready(False)
-        if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except (asyncio.CancelledError, Exception):  # noqa: BLE001
-                pass
+        await cancel_task(self._task)
         proc = self.process
         if proc is not None and proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
@@ -99,6 +106,38 @@ class WorkerSupervisor:
                 log.warning("worker did not exit within %.0f s; killing it", timeout_s)
                 proc.kill()
                 proc.wait()
+        await self.client.aclose()
+        await self._probe.aclose()
+
+    # -- what the routes ask (the same as service.workers.WorkerPool) ----------------------
+    #: generations this gateway has open on the worker (the pool ranks workers by it)
+    inflight = 0
+    url = "local"
+
+    def candidates(self, model: str | None) -> list[WorkerSupervisor]:
+        """The one worker, when it is ready."""
+        return [self] if self.ready else []
+
+    def mark_down(self, worker: Any, why: str) -> None:
+        """Nothing to do: the supervisor follows its worker's process and readiness itself."""
+
+    async def broadcast(self, method: str, path: str, timeout_s: float = 5.0) -> None:
+        """One small best-effort request to the worker (a wake-up, an unload)."""
+        if self.ready:
+            try:
+                await self.client.request(method, path, timeout=timeout_s)
+            except Exception:  # noqa: BLE001 - the worker polls and re-checks anyway
+                log.debug("%s %s on the worker failed", method, path, exc_info=True)
+
+    def served_models(self) -> set[str]:
+        """The gateway's own ``--model`` entries are its settings': none to add."""
+        return set()
+
+    def workers_info(self) -> list[dict[str, Any]] | None:
+        return None
+
+    async def aclose(self) -> None:
+        """Close the clients of a supervisor that never started (tests, the OpenAPI export)."""
         await self.client.aclose()
         await self._probe.aclose()
 
@@ -202,8 +241,9 @@ class WorkerSupervisor:
         log.error("worker process %s", how)
         reason = f"The worker process {how} while this job was running"
         try:
-            settled = await asyncio.to_thread(
-                self.store.recover_running, reason, code="worker_crashed", max_attempts=self.settings.job_max_attempts
+            settled = await asyncio.to_thread(  # only our worker's jobs: others may share the store
+                self.store.recover_running, reason, code="worker_crashed", max_attempts=self.settings.job_max_attempts,
+                node=worker_node(self.settings.data_dir),
             )
         except Exception:  # noqa: BLE001
             log.exception("could not settle the crashed worker's jobs")

@@ -192,3 +192,32 @@ def start_server() -> Server:
         cluster.stop()
         raise
     return Server(cluster.url, cluster)
+
+
+def main(argv: list[str]) -> int:
+    """``python tests/_postgres.py run -- COMMAND...``: one cluster for a whole test run (what
+    ``.ci/run`` does). Starts it, runs the command with ``MM_TEST_DATABASE_URL`` naming it, stops
+    it, and exits with the command's status; without a server the command runs anyway (the
+    Postgres tests then skip, saying why)."""
+    if len(argv) < 3 or argv[0] != "run" or argv[1] != "--":
+        print("usage: python tests/_postgres.py run -- COMMAND...", file=sys.stderr)
+        return 2
+    env = dict(os.environ)
+    cluster = None
+    if not env.get(TEST_URL_ENV, "").strip():
+        try:
+            cluster = start_server().cluster
+        except Unavailable as exc:
+            print(f"warning: no PostgreSQL cluster for the suite: {exc}", file=sys.stderr)
+        if cluster is not None:
+            env[TEST_URL_ENV] = cluster.url
+            print(f"PostgreSQL cluster for the suite in {cluster.root}", file=sys.stderr)
+    try:
+        return subprocess.call(argv[2:], env=env)
+    finally:
+        if cluster is not None:
+            cluster.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

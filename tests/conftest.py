@@ -135,6 +135,19 @@ def make_tiny() -> Callable[..., tuple[dict[str, Any], dict[str, np.ndarray]]]:
 
 
 
+def _server_or_skip(module, what: str):
+    """Start ``module.start_server()`` for the session and stop it at the end; its
+    ``Unavailable`` becomes a skip that says why."""
+    try:
+        server = module.start_server()
+    except module.Unavailable as exc:
+        pytest.skip(f"{what} unavailable: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 # -- PostgreSQL, the job store's second backend (see _postgres.py) ------------------------
 @pytest.fixture(scope="session")
 def postgres_server():
@@ -142,14 +155,7 @@ def postgres_server():
     (started on first use, stopped at the end); a skip that says why when neither can be had."""
     import _postgres
 
-    try:
-        server = _postgres.start_server()
-    except _postgres.Unavailable as exc:
-        pytest.skip(f"PostgreSQL unavailable: {exc}")
-    try:
-        yield server
-    finally:
-        server.stop()
+    yield from _server_or_skip(_postgres, "PostgreSQL")
 
 
 @pytest.fixture
@@ -165,3 +171,23 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         "--console-screenshots", default=None, metavar="DIR",
         help="tests/test_console_browser.py also saves a screenshot of each web console page to DIR (the README's images)",
     )
+
+
+# -- S3-compatible result storage (see _s3.py) --------------------------------------------
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server for the session (a skip that says why when boto3/moto are missing)."""
+    import _s3
+
+    yield from _server_or_skip(_s3, "S3 server")
+
+
+@pytest.fixture
+def s3_results_env(s3_server, monkeypatch):
+    """A fresh bucket, and this process's environment pointing ``MM_RESULTS_URL`` at it:
+    ``(bucket, prefix)``."""
+    bucket = s3_server.new_bucket()
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("MM_RESULTS_URL", f"s3://{bucket}/results")
+    return bucket, "results"

@@ -217,6 +217,35 @@ def test_recovery_cancels_a_job_whose_cancellation_was_asked_and_leaves_other_wo
         store.recover_running("gone", code="worker_crashed", max_attempts=0)
 
 
+def test_recovery_of_one_host_leaves_other_hosts_jobs_running(store: JobStore) -> None:
+    """A worker that restarts on host A (or whose supervisor saw it die) settles host A's jobs
+    only: a worker on host B shares the store and is still running its own."""
+    a, _ = store.create_job(SPEC)
+    b, _ = store.create_job(SPEC)
+    store.claim("w-a1", "host-a:1")
+    store.claim("w-b1", "host-b:1")
+    settled = store.recover_running("restarted", code="worker_restarted", max_attempts=3, node="host-a:1")
+    assert settled.requeued == [a.id] and store.get(a.id).status == "queued"
+    assert store.get(b.id).status == "running" and store.still_owned(b.id, "w-b1")
+
+
+def test_a_job_without_a_heartbeat_for_its_lease_is_taken_back(store: JobStore) -> None:
+    alive, _ = store.create_job(SPEC)
+    lost, _ = store.create_job(SPEC)
+    store.claim("w-alive", "host-a")
+    store.claim("w-lost", "host-b")
+    time.sleep(0.05)
+    cutoff = time.time()
+    assert store.heartbeat(alive.id, "w-alive") and not store.heartbeat(alive.id, "w-lost")
+    settled = store.recover_running("no heartbeat", code="worker_lost", max_attempts=3, stale_before=cutoff)
+    assert settled.requeued == [lost.id] and store.get(alive.id).status == "running"
+    requeued = [e for e in store.events(lost.id)[0] if e.type == "requeued"]
+    assert requeued[0].data["code"] == "worker_lost"
+    # the lost worker's late calls change nothing: its claim is gone
+    assert not store.heartbeat(lost.id, "w-lost") and not store.finish(lost.id, "w-lost", "succeeded", message="late")
+    assert store.claim("w-alive2", "host-a").id == lost.id
+
+
 def test_cancel_transitions(store: JobStore) -> None:
     queued, _ = store.create_job(SPEC)
     assert store.request_cancel(queued.id).status == "cancelled"
@@ -478,10 +507,10 @@ def test_concurrent_starts_apply_each_migration_once(postgres_url: str) -> None:
     stores = _race(4, lambda i: PostgresJobStore(postgres_url))
     try:
         assert all(isinstance(s, PostgresJobStore) for s in stores), stores
-        assert stores[0].schema_versions() == list(range(1, SCHEMA_VERSION + 1)) == [1, 2]
+        assert stores[0].schema_versions() == list(range(1, SCHEMA_VERSION + 1)) == [1, 2, 3]
         with psycopg.connect(postgres_url) as conn:
             (applied,) = conn.execute("SELECT COUNT(*) FROM schema_version").fetchone()
-        assert applied == 2
+        assert applied == 3
         job, _ = stores[1].create_job(SPEC, owner="k")
         assert stores[3].get(job.id).owner == "k"
     finally:
@@ -503,11 +532,11 @@ def test_a_database_at_an_older_version_is_migrated_and_keeps_its_jobs(postgres_
         conn.execute("INSERT INTO jobs (id, created_at, status, spec) VALUES (%s, 1.0, 'queued', %s)", (old_id, '{"model": {}}'))
     store = PostgresJobStore(postgres_url)
     try:
-        assert store.schema_versions() == [1, 2]
+        assert store.schema_versions() == [1, 2, 3]
         (job,) = store.list()[0]
         assert job.id == old_id and job.status == "queued" and job.owner is None and job.spec == {"model": {}}
         PostgresJobStore(postgres_url).close()  # opening again applies nothing twice
-        assert store.schema_versions() == [1, 2]
+        assert store.schema_versions() == [1, 2, 3]
         assert store.create_job(SPEC, owner="k")[0].owner == "k"
     finally:
         store.close()
@@ -574,7 +603,7 @@ def test_a_file_from_before_versioning_is_migrated_and_keeps_its_jobs(tmp_path: 
     old.close()
     store = SQLiteJobStore(path)
     (version,) = store._db.execute("PRAGMA user_version").fetchone()
-    assert version == SCHEMA_VERSION == 2
+    assert version == SCHEMA_VERSION == 3
     (job,) = store.list()[0]
     assert job.status == "queued" and job.owner is None and job.spec == {"model": {}}
     SQLiteJobStore(path)  # opening again applies nothing twice

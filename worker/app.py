@@ -148,6 +148,8 @@ def create_worker_app(state: WorkerState) -> FastAPI:
             device_info=state.device_info,
             max_batch_size=state.registry.max_batch_size,
             generation=merge_stats(m.scheduler.stats for m in state.registry.loaded()),
+            served_models=sorted(state.registry.served),
+            free_bytes=max(0, state.registry.budget_bytes - state.registry.used_bytes),
         )
 
     @app.post("/jobs/wake", status_code=204)

@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from jobstore import JobStore, is_job_id
-from jobstore.layout import holds_weights, result_dir
+from jobstore.layout import result_dir, results_cache_dir
+from jobstore.results import LocalResults, ResultStore
 from metal_marlin import device
 from metal_marlin.assets import BUILTIN_MODEL_NAME, BUILTIN_MODELS, builtin_model_installed, builtin_model_path
 
@@ -113,10 +114,19 @@ def _param_bytes(engine: Any) -> int:
 
 class ModelRegistry:
     def __init__(
-        self, data_dir: Path, store: JobStore, budget_bytes: int, *, max_batch_size: int = 16, served: Mapping[str, Path] | None = None
+        self,
+        data_dir: Path,
+        store: JobStore,
+        budget_bytes: int,
+        *,
+        max_batch_size: int = 16,
+        served: Mapping[str, Path] | None = None,
+        results: ResultStore | None = None,
     ) -> None:
         self.data_dir = Path(data_dir)
         self.store = store
+        #: where job results come from; a shared store's results are fetched into ``<data>/cache/results``
+        self.results = results if results is not None else LocalResults(self.data_dir)
         self.served = dict(served or {})
         self.budget_bytes = int(budget_bytes)
         self.max_batch_size = max_batch_size
@@ -143,8 +153,8 @@ class ModelRegistry:
         elif is_job_id(model_id):
             job = self.store.get(model_id)
             if job is not None and job.status == "succeeded":
-                path = result_dir(self.data_dir, model_id)
-                present = holds_weights(path)
+                folder = self.results.local_folder(model_id, results_cache_dir(self.data_dir))
+                path, present = (folder, True) if folder is not None else (result_dir(self.data_dir, model_id), False)
         if path is None:
             raise ModelNotFound(f"the model {model_id!r} does not exist")
         if not present:

@@ -35,6 +35,8 @@ from pathlib import Path
 import uvicorn
 
 from jobstore import MAX_DATA_BYTES_ENV, job_max_attempts, open_store
+from jobstore.node import job_lease_s, worker_node
+from jobstore.results import open_results
 from metal_marlin.device import MLXUnavailableError, device_info, on_gpu, select_device
 from worker.app import WorkerState, create_worker_app
 from worker.generation import MIB, ModelRegistry
@@ -134,22 +136,25 @@ def run_worker(
     token = token if token is not None else (os.environ.get("MM_WORKER_TOKEN") or None)
 
     store = open_store(data_dir)
-    left = store.recover_running("The worker restarted while this job was running", code="worker_restarted", max_attempts=job_max_attempts())
+    results = open_results(data_dir)
+    node = worker_node(data_dir)  # this host's earlier worker held the same lock: its jobs, and only its, are orphans
+    left = store.recover_running("The worker restarted while this job was running", code="worker_restarted", max_attempts=job_max_attempts(), node=node)
     if left.requeued or left.failed:
         log.warning("jobs left running by a previous worker: requeued %s, failed %s", left.requeued, left.failed)
     cleanup_data_dir(store, data_dir)
 
-    worker_id = f"w{os.getpid()}-{secrets.token_hex(4)}"
+    worker_id = f"w{os.getpid()}-{secrets.token_hex(4)}"  # the claim token: this process only
     runner = None
     if run_jobs:
         child_env = dict(os.environ)
         child_env.pop("MM_WORKER_TOKEN", None)
         quota = int(os.environ.get(MAX_DATA_BYTES_ENV, "") or 0) or None
-        runner = JobRunner(store, data_dir, worker_id, roots=roots, env=child_env, max_data_bytes=quota)
+        runner = JobRunner(store, data_dir, worker_id, roots=roots, env=child_env, max_data_bytes=quota, results=results,
+                           node=node, lease_s=job_lease_s(), max_attempts=job_max_attempts())
     # Sequences decoded together per model: a GPU's step costs about the same for 1 or 128
     # rows (memory-bound), a CPU's grows with them.
     batch = int(os.environ.get("MM_MAX_BATCH_SIZE", "") or (128 if on_gpu() else 16))
-    registry = ModelRegistry(data_dir, store, budget_mb * MIB, served=served, max_batch_size=batch)
+    registry = ModelRegistry(data_dir, store, budget_mb * MIB, served=served, max_batch_size=batch, results=results)
     state = WorkerState(worker_id=worker_id, store=store, registry=registry, runner=runner, token=token, device_info=info)
     app = create_worker_app(state)
 

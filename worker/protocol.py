@@ -106,6 +106,11 @@ class ReadyResponse(BaseModel):
     #: works: ``cancel_lag_steps_hist`` (decode steps between a request's cancellation and its
     #: retirement, buckets ``"0"``, ``"1"``, ``"2"``, ``">2"``) and ``cancel_lag_steps_max``.
     generation: dict[str, Any] | None = None
+    #: Local models this worker serves by name (``--model``): a gateway fronting several
+    #: workers lists their union and routes a name to the workers that have it.
+    served_models: list[str] = []
+    #: What is left of its loaded models' memory budget, in bytes (routing prefers more).
+    free_bytes: int | None = None
 
 
 class LoadedModelInfo(BaseModel):

@@ -1,10 +1,11 @@
 """The worker's job loop: claim a queued job, run it in a child process, publish the result.
 
-Results live in ``<data>/jobs/<job_id>/``. A job writes into
-``<data>/jobs/.staging/<job_id>.<attempt>/``; only after the child exits successfully does
-the runner rename that folder into place (one ``rename``, atomic on one file system) and then
-mark the job ``succeeded`` (guarded: only if it is still this worker's running job; otherwise
-the folder is removed again). A result is therefore visible exactly when its job has
+A job writes into ``<data>/jobs/.staging/<job_id>.<attempt>/``; only after the child exits
+successfully does the runner publish that folder to the result store (:mod:`jobstore.results`:
+by default one ``rename`` into ``<data>/jobs/<job_id>/``, atomic on one file system; on S3 the
+manifest put last) and then mark the job ``succeeded`` (guarded: only if it is still this
+worker's running job; otherwise the result is removed again, unless another worker has
+meanwhile succeeded with the same job). A result is therefore visible exactly when its job has
 succeeded, whatever crashes in between. Before the rename the runner records the SHA-256 of
 every file in ``.checksums.json`` (and in the job's result), so a reader can verify a visible
 result against what the job wrote.
@@ -29,8 +30,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from jobstore import Job, JobStore, is_job_id
-from jobstore.layout import data_bytes, holds_weights, jobs_dir, remove_tree, result_dir, result_summary, spec_formats, write_checksums
+from jobstore import DEFAULT_MAX_ATTEMPTS, Job, JobStore, is_job_id
+from jobstore.layout import data_bytes, holds_weights, jobs_dir, remove_tree, result_summary, results_cache_dir, spec_formats, write_checksums
+from jobstore.node import DEFAULT_LEASE_S
+from jobstore.results import LocalResults, ResultStore
 from jobstore.redact import redact_paths, server_locations
 from worker.job_process import EXIT_CANCELLED, EXIT_INVALID, EXIT_LOST, EXIT_OK
 from worker.proc import describe_exit
@@ -40,16 +43,21 @@ log = logging.getLogger("metal_marlin.worker.jobs")
 
 
 def cleanup_data_dir(store: JobStore, data_dir: Path) -> None:
-    """At worker start: drop staging/trash leftovers and result folders of jobs that did not succeed."""
+    """At worker start: drop staging/trash leftovers, and local result folders (published ones
+    and fetched copies of shared ones) of jobs that did not succeed."""
     root = jobs_dir(data_dir)
     root.mkdir(parents=True, exist_ok=True)
+    cache = results_cache_dir(data_dir)
     for name in (".staging", ".trash"):
         shutil.rmtree(root / name, ignore_errors=True)
-    for child in root.iterdir():
-        if child.is_dir() and is_job_id(child.name):
-            job = store.get(child.name)
-            if job is None or job.status != "succeeded":
-                remove_tree(child, root / ".trash")
+    for name in (".tmp", ".trash"):
+        shutil.rmtree(cache / name, ignore_errors=True)
+    for folder in (root, cache):
+        for child in folder.iterdir() if folder.is_dir() else ():
+            if child.is_dir() and is_job_id(child.name):
+                job = store.get(child.name)
+                if job is None or job.status != "succeeded":
+                    remove_tree(child, folder / ".trash")
 
 
 class JobRunner:
@@ -67,8 +75,18 @@ class JobRunner:
         poll_interval_s: float = 1.0,
         cancel_grace_s: float = 10.0,
         max_data_bytes: int | None = None,
+        results: ResultStore | None = None,
+        node: str | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
+        max_attempts: int = DEFAULT_MAX_ATTEMPTS,
     ) -> None:
         self.store = store
+        self.node = node
+        #: a running job's lease: heartbeats every third of it; others' jobs past it are taken back
+        self.lease_s = lease_s
+        self.max_attempts = max_attempts
+        self._next_reap = 0.0
+        self.results = results if results is not None else LocalResults(Path(data_dir))
         self.data_dir = Path(data_dir)
         self.worker_id = worker_id
         self.roots = roots
@@ -106,10 +124,23 @@ class JobRunner:
         return self._thread is not None and self._thread.is_alive()
 
     # -- loop -----------------------------------------------------------------------------
+    def _reap_lost(self) -> None:
+        """Take back jobs whose worker stopped heartbeating (a host that died or lost the
+        network), by the retry policy; at most every half lease."""
+        now = time.time()
+        if now < self._next_reap:
+            return
+        self._next_reap = now + self.lease_s / 2
+        reason = f"The worker running this job stopped answering (no heartbeat for {self.lease_s:g} s)"
+        settled = self.store.recover_running(reason, code="worker_lost", max_attempts=self.max_attempts, stale_before=now - self.lease_s)
+        if settled.requeued or settled.failed or settled.cancelled:
+            log.warning("jobs of a lost worker: requeued %s, failed %s, cancelled %s", settled.requeued, settled.failed, settled.cancelled)
+
     def _loop(self) -> None:
         while not self._stopping.is_set():
             try:
-                job = self.store.claim(self.worker_id)
+                self._reap_lost()
+                job = self.store.claim(self.worker_id, self.node)
             except Exception:  # noqa: BLE001 - a locked/busy database must not kill the loop
                 log.exception("could not claim a job")
                 job = None
@@ -153,6 +184,7 @@ class JobRunner:
         self._child = child = subprocess.Popen(cmd, env=self.env, stdin=subprocess.DEVNULL)
         cancel_seen_at: float | None = None
         stopped_for_shutdown = False
+        next_beat = time.monotonic() + self.lease_s / 3
         try:
             while True:
                 try:
@@ -160,6 +192,12 @@ class JobRunner:
                     break
                 except subprocess.TimeoutExpired:
                     pass
+                if time.monotonic() >= next_beat:
+                    next_beat = time.monotonic() + self.lease_s / 3
+                    try:
+                        self.store.heartbeat(job.id, self.worker_id)
+                    except Exception:  # noqa: BLE001 - a busy database: the lease has two more beats
+                        log.warning("job %s: could not record a heartbeat", job.id, exc_info=True)
                 if self._stopping.is_set() and not stopped_for_shutdown:
                     stopped_for_shutdown = True
                     child.send_signal(signal.SIGKILL)
@@ -178,6 +216,21 @@ class JobRunner:
         """Would publishing the staged result leave uploads and results over the quota? (The
         staged files are counted already: they sit under ``jobs/.staging``.)"""
         return self.max_data_bytes is not None and data_bytes(self.data_dir) > self.max_data_bytes
+
+    def _publish(self, job: Job, staging: Path) -> None:
+        """Checksums, publish, then ``succeeded``; a job that stopped being ours (requeued after
+        this worker was presumed dead) publishes nothing over another worker's result."""
+        write_checksums(staging)
+        summary = result_summary(staging)
+        if not self.store.still_owned(job.id, self.worker_id):
+            log.warning("job %s: finished, but it is no longer this worker's; discarding the result", job.id)
+            return
+        self.results.publish(job.id, staging)
+        if not self.store.finish(job.id, self.worker_id, "succeeded", result=summary, message="Job succeeded"):
+            current = self.store.get(job.id)
+            log.warning("job %s: finished, but it is no longer this worker's; discarding the result", job.id)
+            if current is None or current.status != "succeeded":
+                self.results.delete(job.id)
 
     def _finish(self, job: Job, returncode: int, staging: Path, error_file: Path, shutdown: bool) -> None:
         trash = jobs_dir(self.data_dir) / ".trash"
@@ -202,14 +255,7 @@ class JobRunner:
                     "delete old results or uploads and submit the job again",
                 }
             elif returncode == EXIT_OK:
-                final = result_dir(self.data_dir, job.id)
-                write_checksums(staging)
-                remove_tree(final, trash)
-                os.rename(staging, final)
-                summary = result_summary(final)
-                if not self.store.finish(job.id, self.worker_id, "succeeded", result=summary, message="Job succeeded"):
-                    log.warning("job %s: finished, but it is no longer this worker's; discarding the result", job.id)
-                    remove_tree(final, trash)
+                self._publish(job, staging)
                 return
             cancelled = returncode == EXIT_CANCELLED or (returncode < 0 and self.store.cancel_requested(job.id))
             if cancelled:
