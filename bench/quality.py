@@ -261,11 +261,15 @@ def main() -> None:
     # A calibration-table entry at the main calibration is a row of the main table: run once.
     shared = [job for job in calibration if job in main_jobs]
     extra = [job for job in calibration if job not in main_jobs]
-    # The calibration table (first model) runs right after that model's rows, before the next
-    # model's: a run cut short by its budget still has the first model complete with its table.
-    first_model_end = sum(1 for job in main_jobs if job[0] == models[0])
-    planned = main_jobs[:first_model_end] + extra + main_jobs[first_model_end:]
-    is_calibration = [index >= first_model_end and index < first_model_end + len(extra) for index in range(len(planned))]
+    # The calibration table (first model, 4-bit g64) runs right after that model's first setting,
+    # before the other settings: a run cut short by its budget keeps the table.
+    first_setting = [job for job in main_jobs if job[0] == models[0] and job[1] != "original"][:1]
+    insert_at = 0
+    while insert_at < len(main_jobs) and (main_jobs[insert_at][0] == models[0]) and (
+            main_jobs[insert_at][1] == "original" or main_jobs[insert_at][2:4] == first_setting[0][2:4]):
+        insert_at += 1
+    planned = main_jobs[:insert_at] + extra + main_jobs[insert_at:]
+    is_calibration = [insert_at <= index < insert_at + len(extra) for index in range(len(planned))]
 
     results: list[dict[str, Any]] = []
     calibration_results: list[dict[str, Any]] = []
