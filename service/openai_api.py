@@ -217,6 +217,7 @@ class GenerationRun:
         self.idle_timeout_s = state.settings.stream_idle_timeout_s if stream else None  # a JSON answer has no stream to keep alive
         self.relay: WorkerGenerations | None = None
         self.worker: Any = None  # where the generations run (service.workers.RemoteWorker, or the supervisor)
+        self.moved_to: list[Any] = []  # workers that took over a generation (see _next_client)
         self.choices = [ChoiceState(i, i // n) for i in range(len(payloads))]
         self.started = time.perf_counter()
         self.first_token_at: float | None = None
@@ -240,7 +241,9 @@ class GenerationRun:
         if not workers:
             raise APIError(503, "no worker is ready; retry shortly", code="worker_unavailable", headers={"Retry-After": "5"})
         for n, worker in enumerate(workers):
-            relay = WorkerGenerations(worker.client, self.payloads, timeout_s=self.state.settings.request_timeout_s, idle_timeout_s=self.idle_timeout_s)
+            relay = WorkerGenerations(
+                worker.client, self.payloads, timeout_s=self.state.settings.request_timeout_s, idle_timeout_s=self.idle_timeout_s, next_client=self._next_client
+            )
             worker.inflight += 1
             try:
                 await relay.open()
@@ -256,6 +259,22 @@ class GenerationRun:
                 raise
             self.relay, self.worker = relay, worker
             return
+
+    async def _next_client(self, failed: Any) -> Any:
+        """For the relay: a generation's worker (the one whose client is ``failed``) died before
+        the generation produced a token, so it moves. That worker is marked down (the pool's
+        probes bring it back if it returns) and the best other candidate for the model takes
+        it; None when there is none (a single supervised worker: the client gets the error)."""
+        pool = self.state.supervisor
+        for worker in pool.candidates(self.model):
+            if worker.client is failed:
+                pool.mark_down(worker, "its generation stream broke")
+        for worker in pool.candidates(self.model):
+            if worker.client is not failed:
+                worker.inflight += 1
+                self.moved_to.append(worker)
+                return worker.client
+        return None
 
     def account(self, item: Item) -> None:
         choice, line = self.choices[item.index], item.line
@@ -291,8 +310,9 @@ class GenerationRun:
         if self._counted:
             return
         self._counted = True
-        if self.worker is not None:
-            self.worker.inflight -= 1
+        for worker in [self.worker, *self.moved_to]:
+            if worker is not None:
+                worker.inflight -= 1
         self.state.inflight -= 1
         self.state.metrics.inflight.set(self.state.inflight)
         self.state.metrics.generations.inc(endpoint=self.endpoint, outcome=outcome)

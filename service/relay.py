@@ -5,8 +5,11 @@ is a ``POST /generate`` stream on the worker. :class:`WorkerGenerations` opens t
 before the client gets a status line, so anything the worker refuses up front (unknown
 model, bad parameter, prompt too long) becomes a proper HTTP error. After that, lines are
 merged in arrival order. A broken stream (worker crash) yields an ``error`` line, never a
-hang. Closing the relay (client gone) closes every worker stream, and the worker cancels
-those generations.
+hang, unless the generation had produced no token yet: then it was still waiting on that
+worker (queued behind a full batch, or being prefilled), nothing of it reached the client, and
+it is reopened with the same payload on the worker that ``next_client`` names (see
+:meth:`WorkerGenerations._pump`); its lines go on as if nothing happened. Closing the relay
+(client gone) closes every worker stream, and the worker cancels those generations.
 
 Time limits live here, for streamed and non-streamed requests alike: the whole request
 (opening included) must end within ``timeout_s`` (``MM_REQUEST_TIMEOUT``), and with
@@ -26,7 +29,7 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +41,7 @@ from worker.protocol import StreamLine
 log = logging.getLogger("metal_marlin.service.relay")
 
 WORKER_GONE = {
-    "message": "the worker stopped during generation (it is being restarted); retry the request",
+    "message": "the worker stopped during generation; retry the request",
     "type": "service_unavailable_error",
     "code": "worker_unavailable",
 }
@@ -66,12 +69,25 @@ def _worker_error(status: int, body: bytes) -> APIError:
     return APIError(500, message if status == 500 else "internal error talking to the worker", code=code or "worker_error")
 
 
+#: ``next_client(failed)``: the client of another worker to reopen a generation on after
+#: ``failed`` broke before its first token (the callee marks that worker down), or None.
+NextClient = Callable[[httpx.AsyncClient], Awaitable[httpx.AsyncClient | None]]
+
+
 class WorkerGenerations:
     def __init__(
-        self, client: httpx.AsyncClient, payloads: list[dict[str, Any]], *, timeout_s: float, idle_timeout_s: float | None = None
+        self,
+        client: httpx.AsyncClient,
+        payloads: list[dict[str, Any]],
+        *,
+        timeout_s: float,
+        idle_timeout_s: float | None = None,
+        next_client: NextClient | None = None,
     ) -> None:
         self.client = client
         self.payloads = payloads
+        self.next_client = next_client
+        self._clients = [client] * len(payloads)  # where each generation runs now
         self.timeout_s = timeout_s
         self.idle_timeout_s = idle_timeout_s
         self._deadline = time.monotonic() + timeout_s
@@ -81,9 +97,10 @@ class WorkerGenerations:
         self._closed = False
 
     async def _open_one(self, i: int) -> None:
-        request = self.client.build_request("POST", "/generate", json=self.payloads[i])
+        client = self._clients[i]
+        request = client.build_request("POST", "/generate", json=self.payloads[i])
         try:
-            response = await self.client.send(request, stream=True)
+            response = await client.send(request, stream=True)
         except (httpx.TransportError, OSError) as exc:
             raise APIError(503, "the worker is not reachable; retry shortly", code="worker_unavailable", headers={"Retry-After": "5"}) from exc
         if response.status_code != 200:
@@ -122,24 +139,61 @@ class WorkerGenerations:
             self._tasks.append(asyncio.create_task(self._pump(i)))
 
     async def _pump(self, i: int) -> None:
-        response = self._responses[i]
-        assert response is not None
-        finished = False
+        """Relay generation ``i``'s lines. When its stream breaks (transport error, or the end
+        without ``done``/``error``) before any ``token`` line, nothing of the generation has
+        reached the client (it was queued or being prefilled): it is reopened on
+        :attr:`next_client`'s worker, whose ``start`` line is dropped (the client had the first
+        one's). Otherwise, or when no other worker takes it, the client gets
+        :data:`WORKER_GONE`."""
+        started = produced = finished = False
         try:
-            async for raw in response.aiter_lines():
-                if not raw.strip():
-                    continue
-                line = StreamLine.model_validate_json(raw)
-                await self._queue.put(Item(i, line))
-                if line.event in ("done", "error"):
-                    finished = True
-                    break
-        except (httpx.TransportError, OSError, ValueError) as exc:
-            log.warning("worker stream %d broke: %s", i, exc)
+            while True:
+                response = self._responses[i]
+                assert response is not None
+                try:
+                    async for raw in response.aiter_lines():
+                        if not raw.strip():
+                            continue
+                        line = StreamLine.model_validate_json(raw)
+                        if line.event == "start" and started:
+                            continue
+                        started = started or line.event == "start"
+                        produced = produced or line.event == "token"
+                        await self._queue.put(Item(i, line))
+                        if line.event in ("done", "error"):
+                            finished = True
+                            break
+                except (httpx.TransportError, OSError) as exc:
+                    log.warning("worker stream %d broke: %s", i, exc)
+                except ValueError as exc:  # a garbled line: a fault of that worker, not its death
+                    log.warning("worker stream %d sent a bad line: %s", i, exc)
+                    return
+                if finished or produced or self._closed or not await self._reopen(i):
+                    return
         finally:
             if not finished and not self._closed:
                 await self._queue.put(Item(i, StreamLine(event="error", error=dict(WORKER_GONE))))
             await self._queue.put(i)
+
+    async def _reopen(self, i: int) -> bool:
+        """Open generation ``i`` again on the next worker :attr:`next_client` names, after its
+        worker's stream broke; False when there is none left or every one failed to take it."""
+        while self.next_client is not None:
+            if self._responses[i] is not None:
+                await self._responses[i].aclose()
+            client = await self.next_client(self._clients[i])
+            if client is None:
+                return False
+            self._clients[i], self._responses[i] = client, None
+            try:
+                await self._open_one(i)
+            except APIError as exc:
+                if exc.code != "worker_unavailable":
+                    return False
+                continue  # not reachable either: the next one
+            log.warning("generation %d moved to another worker before its first token", i)
+            return True
+        return False
 
     async def lines(self) -> AsyncIterator[Item]:
         """Merged lines of all generations until each has ended (``done`` or ``error``)."""

@@ -6,8 +6,9 @@ never starts or restarts them. It probes each one's ``/ready`` (device, free mod
 loaded and served models, requests in flight) and routes every generation by
 :meth:`WorkerPool.candidates`: the ready workers that have the model loaded first, each group
 least loaded first. A worker that cannot be reached when a request opens is marked down and the
-request moves to the next candidate (it had not started there); one that dies mid-stream ends
-its streams with an OpenAI-shaped ``worker_unavailable`` error (see :mod:`service.relay`).
+request moves to the next candidate (it had not started there); when one dies, its generations
+that had produced no token yet move to the next candidate too, and those that had end with an
+OpenAI-shaped ``worker_unavailable`` error (see :mod:`service.relay`).
 
 Jobs need no routing: every worker claims queued jobs from the shared job store
 (``MM_DATABASE_URL``), and publishes results to the shared result store (``MM_RESULTS_URL``).

@@ -315,3 +315,49 @@ def test_a_request_moves_on_when_its_worker_cannot_be_reached_or_is_full(tmp_pat
     assert resp.json()["choices"][0]["text"] == " there"
     assert [w.ready for w in pool.workers] == [False, True, True]
     assert [w.inflight for w in pool.workers] == [0, 0, 0]
+
+
+def test_a_generation_moves_when_its_worker_dies_before_its_first_token(tmp_path: Path) -> None:
+    """The first worker's streams break (the worker died): the generation that had produced
+    nothing yet is reopened on the second worker, its second ``start`` line dropped; the one
+    that had streamed a token ends with the ``worker_unavailable`` error."""
+    from fastapi.testclient import TestClient
+
+    from service.app import create_app
+    from service.config import Settings
+
+    def ndjson(*lines: dict[str, Any]) -> bytes:
+        return "".join(json.dumps(x) + "\n" for x in lines).encode()
+
+    start = {"event": "start", "prompt_tokens": 1, "prompt_text": "Hi"}
+    done = {"event": "done", "finish_reason": "length", "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+
+    def dies(request: httpx.Request) -> httpx.Response:
+        streamed = json.loads(request.content)["params"]["max_tokens"] == 2  # this one gets a token out first
+
+        class Broken(httpx.AsyncByteStream):
+            async def __aiter__(self):  # type: ignore[override]
+                yield ndjson(start, *([{"event": "token", "text": " a", "token_id": 5}] if streamed else []))
+                raise httpx.ReadError("peer closed connection")
+
+        return httpx.Response(200, stream=Broken())
+
+    def alive(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=ndjson(start, {"event": "token", "text": " there", "token_id": 7}, done))
+
+    app = create_app(Settings(data_dir=tmp_path, api_key=KEY, workers=("http://dies:1", "http://alive:2")), start_worker=False)
+    pool = app.state.mm.supervisor
+    for worker, handler in zip(pool.workers, (dies, alive)):
+        worker.client = httpx.AsyncClient(base_url=worker.url, transport=httpx.MockTransport(handler))
+        worker.ready, worker.info = True, {"loaded_models": [], "active_requests": 0, "max_batch_size": 16}
+    pool.workers[1].inflight = 1  # so both requests open on the first worker
+    body = {"model": "smollm2-135m-instruct", "prompt": "Hi", "echo": True, "stream": True}
+    with TestClient(app) as client:
+        moved = client.post("/v1/completions", json={**body, "max_tokens": 1}, headers=AUTH)
+        pool.workers[0].ready = True
+        failed = client.post("/v1/completions", json={**body, "max_tokens": 2}, headers=AUTH)
+    events = [line[len("data: "):] for line in moved.text.splitlines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]" and "".join(json.loads(e)["choices"][0]["text"] for e in events[:-1]) == "Hi there"
+    last = json.loads([line for line in failed.text.splitlines() if line.startswith("data: ")][-1][len("data: "):])
+    assert last["error"]["code"] == "worker_unavailable" and "stopped during generation" in last["error"]["message"]
+    assert [w.inflight for w in pool.workers] == [0, 1]
