@@ -41,7 +41,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 import _postgres  # noqa: E402  (the tests' throwaway PostgreSQL cluster)
 import _s3  # noqa: E402  (the tests' moto server)
 from _machine import describe_machine, repo_command  # noqa: E402
-from test_scale import KEY, TOKEN, Proc, _port  # noqa: E402
+from _net import free_port  # noqa: E402
+from test_scale import KEY, TOKEN, Proc  # noqa: E402
 
 from worker.protocol import WORKER_TOKEN_HEADER  # noqa: E402
 
@@ -58,11 +59,11 @@ def start_stack(n_workers: int, tmp: Path, database_url: str, s3_env: dict[str, 
     }
     workers = []
     for i in range(n_workers):
-        port = _port()
+        port = free_port()
         cmd = [sys.executable, "-m", "worker", "--data-dir", str(tmp / f"w{n_workers}-{i}"), "--host", "127.0.0.1", "--port", str(port),
                "--memory-mb", "2048", "--log-level", "warning"]
         workers.append(Proc(f"worker{i}", cmd, env, tmp / f"w{n_workers}-{i}.log", port, headers={WORKER_TOKEN_HEADER: TOKEN}).start("/ready"))
-    port = _port()
+    port = free_port()
     cmd = [sys.executable, "-m", "service", "--port", str(port), "--data-dir", str(tmp / f"g{n_workers}"), "--api-key", KEY,
            "--log-level", "warning", *[a for w in workers for a in ("--worker", w.url)]]
     gateway = Proc("gateway", cmd, env, tmp / f"g{n_workers}.log", port).start("/health")

@@ -211,7 +211,7 @@ def search_scales(
         candidates.append(s)
         pending.append(value)
     losses = read_floats(pending)
-    best = min(range(len(alphas)), key=lambda i: (losses[i], i))  # ties: the smaller alpha
+    best = int(np.argmin(losses))  # ties: the first, i.e. the smaller alpha
     return ScaleSearchResult(scales=candidates[best], alpha=alphas[best], loss=losses[best], loss_rtn=losses[0], losses=losses)
 
 

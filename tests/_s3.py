@@ -8,13 +8,14 @@ cannot be imported.
 
 from __future__ import annotations
 
-import os
 import secrets
 import socket
 import subprocess
 import sys
 import time
 from typing import Any
+
+from _net import free_port
 
 #: boto3's own settings, which the result store reads (never the URL): what a test sets.
 CREDENTIALS = {
@@ -28,17 +29,11 @@ class Unavailable(RuntimeError):
     """No S3 server can be had here (the message says why)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``python -m moto.server`` on 127.0.0.1; ``env(bucket)`` is what a process needs to use it."""
 
     def __init__(self) -> None:
-        self.port = _free_port()
+        self.port = free_port()
         self.endpoint = f"http://127.0.0.1:{self.port}"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],

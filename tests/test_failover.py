@@ -23,7 +23,8 @@ from typing import Any
 
 import httpx
 import pytest
-from test_scale import AUTH, KEY, TOKEN, Proc, _port
+from _net import free_port
+from test_scale import AUTH, KEY, TOKEN, Proc
 
 from metal_marlin.assets import BUILTIN_MODEL_NAME, builtin_model_installed
 from worker.protocol import WORKER_TOKEN_HEADER
@@ -68,9 +69,9 @@ def test_a_killed_worker_fails_its_stream_and_moves_its_waiting_request(tmp_path
         Proc(f"worker{i}", [sys.executable, "-m", "worker", "--data-dir", str(tmp_path / f"worker{i}"), "--host", "127.0.0.1",
                             "--port", str(port), "--memory-mb", "1024", "--log-level", "warning"],
              env, tmp_path / f"worker{i}.log", port, headers={WORKER_TOKEN_HEADER: TOKEN})
-        for i, port in enumerate((_port(), _port()))
+        for i, port in enumerate((free_port(), free_port()))
     ]
-    gport = _port()
+    gport = free_port()
     gateway = Proc("gateway", [sys.executable, "-m", "service", "--port", str(gport), "--data-dir", str(tmp_path / "gateway"),
                                "--api-key", KEY, "--log-level", "warning", *[a for w in workers for a in ("--worker", w.url)]],
                    env, tmp_path / "gateway.log", gport)

@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 import pytest
 
+from _net import free_port
 from jobstore import new_job_id
 from jobstore.layout import CHECKSUMS_FILE, write_checksums
 from jobstore.results import open_results
@@ -125,18 +126,10 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 RTN_JOB = {"method": "rtn", "n_samples": 2, "seq_len": 32, "n_grid": 2}
 
 
-def _port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _serve(data_dir: Path, env: dict[str, str], log: Path, *args: str, worker: bool = True) -> tuple[subprocess.Popen[bytes], httpx.Client]:
     """``python -m service`` on a free port: healthy (its worker ready), or only answering
     when it has no worker of its own (``worker=False``)."""
-    port = _port()
+    port = free_port()
     cmd = [sys.executable, "-m", "service", "--port", str(port), "--data-dir", str(data_dir), "--api-key", KEY, "--log-level", "warning", *args]
     with open(log, "ab") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
@@ -193,7 +186,7 @@ def test_the_service_publishes_serves_and_deletes_results_in_the_bucket(s3_serve
         # a second gateway (no worker; the same SQLite job store) configured for presigned
         # downloads redirects to the bucket
         presign_env = {**env, "MM_RESULTS_PRESIGN_S": "60"}
-        nobody = f"http://127.0.0.1:{_port()}"  # a worker URL where none listens: this gateway only downloads
+        nobody = f"http://127.0.0.1:{free_port()}"  # a worker URL where none listens: this gateway only downloads
         other, other_http = _serve(tmp_path / "data", presign_env, tmp_path / "other.log", "--worker-url", nobody, worker=False)
         try:
             redirect = other_http.get(f"/v1/quantization/jobs/{job_id}/result", params={"file": "config.json"})

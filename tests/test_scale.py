@@ -17,7 +17,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
+from _net import free_port
 from worker.protocol import WORKER_TOKEN_HEADER
 
 KEY = "scale-key"
@@ -37,12 +37,6 @@ TOKEN = "shared-worker-token"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 TINY_JOB = {"model": {"source": "path", "path": "tiny"}, "method": "rtn", "n_samples": 2, "seq_len": 32, "n_grid": 2, "group_size": 32}
 N_JOBS = 50
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -130,7 +124,7 @@ def cluster(postgres_server: Any, s3_server: Any, tmp_path_factory: pytest.TempP
     }
     workers = []
     for i in range(2):
-        port = _port()
+        port = free_port()
         cmd = [sys.executable, "-m", "worker", "--data-dir", str(tmp / f"worker{i}"), "--host", "127.0.0.1", "--port", str(port),
                "--memory-mb", "1024", "--log-level", "warning"]
         if i == 0:
@@ -138,7 +132,7 @@ def cluster(postgres_server: Any, s3_server: Any, tmp_path_factory: pytest.TempP
         workers.append(Proc(f"worker{i}", cmd, env, tmp / f"worker{i}.log", port, headers={WORKER_TOKEN_HEADER: TOKEN}))
     gateways = []
     for i in range(2):
-        port = _port()
+        port = free_port()
         cmd = [sys.executable, "-m", "service", "--port", str(port), "--data-dir", str(tmp / f"gateway{i}"), "--api-key", KEY,
                "--log-level", "warning", *[arg for w in workers for arg in ("--worker", w.url)]]
         gateways.append(Proc(f"gateway{i}", cmd, env, tmp / f"gateway{i}.log", port))

@@ -14,7 +14,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from _net import free_port
 from jobstore.layout import verify_result
 
 openai = pytest.importorskip("openai")
@@ -50,12 +50,6 @@ JOB_TIMEOUT_S = 240
 UPLOAD_LIMIT = 128 << 20  # the built-in GGUF is 98 MB
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """``python -m service`` on a free loopback port; restartable on the same data dir."""
 
@@ -64,7 +58,7 @@ class Server:
         self.roots = roots
         self.log_path = log_path
         self.extra_args = list(extra_args or [])
-        self.port = _free_port()
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.http = httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120)

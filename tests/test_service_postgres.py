@@ -7,7 +7,6 @@ Skips, saying why, when no PostgreSQL server can be had (see ``_postgres.py``).
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +17,7 @@ import httpx
 import pytest
 import uvicorn
 
+from _net import free_port
 from jobstore import DATABASE_URL_ENV, open_store
 from service.app import create_app
 from service.config import Settings
@@ -27,19 +27,13 @@ AUTH = {"Authorization": f"Bearer {KEY}"}
 TINY = {"n_samples": 2, "seq_len": 32, "n_grid": 2}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Gateway:
     """``create_app`` served by uvicorn in a thread on a loopback port."""
 
     def __init__(self, data_dir: Path) -> None:
         self.settings = Settings(data_dir=data_dir, api_key=KEY, max_queued_jobs=10)
         self.app = create_app(self.settings, start_worker=False)
-        port = _free_port()
+        port = free_port()
         self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=port, log_level="warning", lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.http = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=30)
