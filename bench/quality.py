@@ -33,11 +33,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import resource
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -70,7 +73,11 @@ def _size(text: str) -> tuple[int, int]:
 
 
 def _float_folder(model_name: str, workdir: Path) -> Path:
-    """The float reference model as a Hugging Face folder (what mlx-lm loads), made once per run."""
+    """The float reference model as a Hugging Face folder (what mlx-lm loads), made once per run.
+
+    Written beside and renamed into place, so children running at the same time never read a
+    half-written folder (the loser of a race drops its copy).
+    """
     from mlx.utils import tree_flatten
 
     from metal_marlin.checkpoints.hf import save_hf_folder
@@ -83,7 +90,13 @@ def _float_folder(model_name: str, workdir: Path) -> Path:
         tokenizer_dir = Path(tempfile.mkdtemp(dir=workdir))
         load_tokenizer(model_name).save(tokenizer_dir)
         extra = {p.name: p.read_bytes() for p in tokenizer_dir.iterdir()}
-        save_hf_folder(base, dict(tree_flatten(loaded.model.parameters())), loaded.config.to_hf_dict(), extra_files=extra)
+        staging = Path(tempfile.mkdtemp(dir=workdir)) / base.name
+        save_hf_folder(staging, dict(tree_flatten(loaded.model.parameters())), loaded.config.to_hf_dict(), extra_files=extra)
+        try:
+            staging.rename(base)
+        except OSError:
+            if not base.exists():
+                raise
     return base
 
 
@@ -235,10 +248,18 @@ def main() -> None:
     parser.add_argument("--reference-calibration", default=REFERENCE_CALIBRATION, help="mlx-lm AWQ's calibration in that table")
     parser.add_argument("--rounding-steps", type=int, default=200, help="awq+round's steps per block (its default: 200)")
     parser.add_argument("--budget-s", type=float, default=None, help="launch no quantizer after this many seconds")
+    parser.add_argument("--parallel", type=int, default=1,
+                        help="jobs outside the timed settings run this many at a time (their times are marked shared)")
+    parser.add_argument("--timed-settings", default=None,
+                        help="bits:group settings whose jobs run alone (default: the first of --settings)")
     parser.add_argument("--json", default=None, help="also write the results here (rewritten after every job)")
     parser.add_argument("--run-one", nargs=4, metavar=("MODEL", "VARIANT", "BITS", "GROUP"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.parallel < 1:
+        parser.error(f"--parallel must be at least 1, got {args.parallel}")
+    if args.timed_settings is None:
+        args.timed_settings = args.settings.split(",")[0]
 
     if args.run_one:
         model_name, variant, bits, group = args.run_one
@@ -271,6 +292,9 @@ def main() -> None:
     planned = main_jobs[:insert_at] + extra + main_jobs[insert_at:]
     is_calibration = [insert_at <= index < insert_at + len(extra) for index in range(len(planned))]
 
+    timed_settings = {tuple(int(v) for v in item.split(":")) for item in args.timed_settings.split(",") if item}
+    alone, shared_gpu = split_phases(planned, is_calibration, timed_settings, args.parallel)
+
     results: list[dict[str, Any]] = []
     calibration_results: list[dict[str, Any]] = []
     started = time.time()
@@ -282,6 +306,7 @@ def main() -> None:
         "calibration": f"{args.n_samples} x {args.seq_len} tokens of the Wikipedia calibration split",
         "eval_windows": args.max_windows,
         "rounding_steps": args.rounding_steps,
+        "parallel": args.parallel,
         "skipped": skipped,
         "not_run": [],
         "failed": [],
@@ -289,41 +314,106 @@ def main() -> None:
         "results": results,
         "calibration_sizes": calibration_results,
     }
+    lock = threading.Lock()
 
     def save() -> None:
-        report["wall_time_s"] = time.time() - started
-        report["complete"] = not report["not_run"] and not report["failed"] and len(results) + len(calibration_results) == len(planned) + len(shared)
-        if args.json:  # after every job: a long run that dies keeps what it measured
-            Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(args.json).write_text(json.dumps(report, indent=1, default=_json_default))
+        with lock:
+            order = {tuple(job): i for i, job in enumerate(planned)}
+            results.sort(key=lambda r: order.get(_job_of(r), len(order)))
+            report["wall_time_s"] = time.time() - started
+            report["complete"] = not report["not_run"] and not report["failed"] and len(results) + len(calibration_results) == len(planned) + len(shared)
+            if args.json:  # after every job: a long run that dies keeps what it measured
+                Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                Path(args.json).write_text(json.dumps(report, indent=1, default=_json_default))
+
+    def run_job(index: int, concurrent: int, workdir: str) -> None:
+        job = planned[index]
+        left = None if args.budget_s is None else args.budget_s - (time.time() - started)
+        if left is not None and left < 10:
+            with lock:
+                report["not_run"].append(list(job))
+            return
+        outcome = run_child(job, workdir, args, left, concurrent)
+        with lock:
+            if outcome is None:
+                report["not_run"].append(list(job))
+            elif "error" in outcome:
+                report["failed"].append({"job": list(job), "error": outcome["error"]})
+            else:
+                outcome["concurrent"] = concurrent
+                (calibration_results if is_calibration[index] else results).append(outcome)
+                if job in shared:
+                    calibration_results.append(outcome)
+                print(json.dumps(outcome), file=sys.stderr, flush=True)
+        save()
 
     with tempfile.TemporaryDirectory() as workdir:
-        for index, (model_name, variant, bits, group, n, length) in enumerate(planned):
-            left = None if args.budget_s is None else args.budget_s - (time.time() - started)
-            if left is not None and left < 10:
-                report["not_run"] = [list(job[:6]) for job in planned[index:]]
-                break
-            cmd = [sys.executable, __file__, "--run-one", model_name, variant, str(bits), str(group), "--workdir", workdir,
-                   "--n-samples", str(n), "--seq-len", str(length), "--max-windows", str(args.max_windows),
-                   "--rounding-steps", str(args.rounding_steps)]
-            try:
-                done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=left)
-            except subprocess.TimeoutExpired:
-                report["not_run"] = [list(job[:6]) for job in planned[index:]]
-                break
-            except subprocess.CalledProcessError as exc:  # recorded, and the run goes on with the next one
-                print(exc.stderr[-4000:], file=sys.stderr)
-                report["failed"].append({"job": [model_name, variant, bits, group, n, length], "error": exc.stderr[-2000:]})
-                save()
-                continue
-            result = json.loads(done.stdout.strip().splitlines()[-1])
-            (calibration_results if is_calibration[index] else results).append(result)
-            if (model_name, variant, bits, group, n, length) in shared:
-                calibration_results.append(result)
-            print(json.dumps(result), file=sys.stderr, flush=True)
-            save()
+        for index in alone:  # each alone on the machine: these times are the comparable ones
+            run_job(index, 1, workdir)
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            list(pool.map(lambda index: run_job(index, args.parallel, workdir), shared_gpu))
     save()
     print(render_report(report))
+
+
+def _job_of(result: dict[str, Any]) -> tuple:
+    return (result["model"], result["variant"], result["bits"], result["group_size"], result["n_samples"], result["seq_len"])
+
+
+def split_phases(planned: list[tuple], is_calibration: list[bool], timed_settings: set[tuple[int, int]],
+                 parallel: int) -> tuple[list[int], list[int]]:
+    """Indices of the jobs run one at a time, and of those run ``parallel`` at a time.
+
+    Quantization times compare only between quantizers that had the machine to themselves, so
+    the originals, every job at a timed setting (``--timed-settings``, the first setting by
+    default) and the calibration table run alone, first. With ``--parallel 1`` everything
+    does. The rest only need their perplexity, which does not depend on what else runs: on a
+    GPU with 16 cores several of them at a time shorten the run several-fold; their times are
+    reported but marked as shared.
+    """
+    if parallel <= 1:
+        return list(range(len(planned))), []
+    alone, together = [], []
+    for index, (_model, variant, bits, group, *_size_) in enumerate(planned):
+        timed = variant == "original" or is_calibration[index] or (bits, group) in timed_settings
+        (alone if timed else together).append(index)
+    return alone, together
+
+
+def run_child(job: tuple, workdir: str, args: argparse.Namespace, left: float | None,
+              concurrent: int) -> dict[str, Any] | None:
+    """One job in a child process: its result, ``{"error": ...}``, or None when the budget ran out.
+
+    A job that fails is retried once without CUDA graphs and without compiled steps
+    (``MLX_USE_CUDA_GRAPHS=0``, ``MM_COMPILE=0``): MLX 0.32's CUDA graph capture has failed on
+    one mlx-lm job ("cuGraphAddKernelNode ... invalid argument"), and a retried row says so.
+    """
+    model_name, variant, bits, group, n, length = job
+    cmd = [sys.executable, __file__, "--run-one", model_name, variant, str(bits), str(group), "--workdir", workdir,
+           "--n-samples", str(n), "--seq-len", str(length), "--max-windows", str(args.max_windows),
+           "--rounding-steps", str(args.rounding_steps)]
+    env = dict(os.environ)
+    if concurrent > 1:  # share the cores instead of each child starting one BLAS thread per core
+        threads = str(max(1, (os.cpu_count() or 1) // concurrent))
+        env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
+    first_error = None
+    for attempt_env in ({}, {"MLX_USE_CUDA_GRAPHS": "0", "MM_COMPILE": "0"}):
+        try:
+            done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=left, env={**env, **attempt_env})
+        except subprocess.TimeoutExpired:
+            return None
+        except subprocess.CalledProcessError as exc:
+            print(exc.stderr[-4000:], file=sys.stderr)
+            if first_error is not None:
+                return {"error": exc.stderr[-2000:], "first_error": first_error}
+            first_error = exc.stderr[-2000:]
+            continue
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        if first_error is not None:
+            result["retried_with"] = attempt_env
+            result["first_error"] = first_error.strip().splitlines()[-1] if first_error.strip() else "no output"
+        return result
+    return None
 
 
 def _json_default(value: Any) -> Any:
@@ -350,6 +440,10 @@ def _ppl(r: dict[str, Any], corpus: str) -> str:
 def gap_closed(ppl_rtn: float, ppl_ours: float, ppl_original: float) -> float:
     """Fraction of the RTN -> original perplexity gap a quantizer closes (1 = lossless)."""
     return (ppl_rtn - ppl_ours) / (ppl_rtn - ppl_original)
+
+
+def _time(r: dict[str, Any]) -> str:
+    return f"{r['time_s']:.1f}" + ("\\*" if r.get("concurrent", 1) > 1 else "")
 
 
 def _memory(r: dict[str, Any]) -> str:
@@ -391,12 +485,21 @@ def render_report(report: dict[str, Any]) -> str:
                     gaps.append(f"{100 * gap_closed(rtn[key], r[key], original[key]):.0f}%")
             lines.append(
                 f"| {LABELS.get(r['variant'], r['variant'])} | {r['bits']} | {r['group_size']} | {r['bits_per_weight']:.2f} | "
-                f"{_ppl(r, 'wikipedia')} | {_ppl(r, 'kjv')} | {gaps[0]} | {gaps[1]} | {r['time_s']:.1f} | {_memory(r)} |"
+                f"{_ppl(r, 'wikipedia')} | {_ppl(r, 'kjv')} | {gaps[0]} | {gaps[1]} | {_time(r)} | {_memory(r)} |"
             )
         lines.append("")
         for s in report.get("skipped", []):
             if s["model"] == model_name:
                 lines += [f"{s['bits']}-bit group {s['group_size']} skipped: {s['reason']}", ""]
+    shared = sorted({r["concurrent"] for r in results if r.get("concurrent", 1) > 1})
+    if shared:
+        lines += [f"\\* time measured while {', '.join(map(str, shared))} jobs shared the GPU and the cores "
+                  "(`--parallel`): only unmarked times compare with each other; perplexity is unaffected.", ""]
+    for r in results + report.get("calibration_sizes", []):
+        if r.get("retried_with"):
+            settings = " ".join(f"{k}={v}" for k, v in r["retried_with"].items())
+            lines += [f"{r['model']} {LABELS.get(r['variant'], r['variant'])} w{r['bits']}g{r['group_size']} "
+                      f"{r['n_samples']}x{r['seq_len']} failed once ({r['first_error']}) and was rerun with {settings}.", ""]
     if report.get("calibration_sizes"):
         lines += render_calibration_table(report["calibration_sizes"]) + [""]
     for failure in report.get("failed", []):
@@ -421,7 +524,7 @@ def render_calibration_table(rows: list[dict[str, Any]]) -> list[str]:
         ratio = f"{r['time_s'] / reference['time_s']:.2f}x" if reference and r is not reference else "-"
         lines.append(
             f"| {LABELS.get(r['variant'], r['variant'])} | {r['n_samples']} x {r['seq_len']} | {_ppl(r, 'wikipedia')} | "
-            f"{_ppl(r, 'kjv')} | {r['time_s']:.1f} | {ratio} |"
+            f"{_ppl(r, 'kjv')} | {_time(r)} | {ratio} |"
         )
     return lines
 

@@ -1,0 +1,83 @@
+"""bench/quality.py's scheduling and report: which jobs share the machine, and how that shows."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.fixture(scope="module")
+def quality():
+    spec = importlib.util.spec_from_file_location("bench_quality", BENCH / "quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+PLANNED = [
+    ("smol", "original", 16, 0, 32, 512),
+    ("smol", "rtn", 4, 64, 32, 512),
+    ("smol", "awq", 4, 64, 32, 512),
+    ("smol", "awq", 4, 64, 128, 512),  # calibration table
+    ("smol", "rtn", 3, 64, 32, 512),
+    ("smol", "awq", 3, 64, 32, 512),
+    ("gemma", "original", 16, 0, 32, 512),
+    ("gemma", "awq", 4, 64, 32, 512),
+    ("gemma", "awq", 2, 32, 32, 512),
+]
+CALIBRATION = [index == 3 for index in range(len(PLANNED))]
+
+
+def test_timed_settings_originals_and_the_calibration_table_run_alone(quality):
+    alone, together = quality.split_phases(PLANNED, CALIBRATION, {(4, 64)}, parallel=4)
+    assert alone == [0, 1, 2, 3, 6, 7]
+    assert together == [4, 5, 8]
+
+
+def test_parallel_one_runs_everything_alone_in_plan_order(quality):
+    alone, together = quality.split_phases(PLANNED, CALIBRATION, {(4, 64)}, parallel=1)
+    assert alone == list(range(len(PLANNED))) and together == []
+
+
+def _row(variant: str, bits: int, ppl: float, time_s: float | None = None, concurrent: int = 1, **extra) -> dict:
+    row = {"model": "smol", "variant": variant, "bits": bits, "group_size": 64, "n_samples": 32, "seq_len": 512,
+           "perplexity_wikipedia": ppl, "perplexity_kjv": ppl, "se_wikipedia": 0.1, "se_kjv": 0.1,
+           "eval_tokens_wikipedia": 16352, "eval_tokens_kjv": 16352, "bits_per_weight": bits + 0.5,
+           "concurrent": concurrent, **extra}
+    if time_s is not None:
+        row["time_s"] = time_s
+    return row
+
+
+def test_shared_times_are_marked_and_retried_rows_named(quality):
+    report = {
+        "calibration": "32 x 512 tokens", "skipped": [], "failed": [], "not_run": [], "calibration_sizes": [],
+        "results": [
+            _row("original", 16, 10.0),
+            _row("rtn", 4, 20.0, 5.0),
+            _row("awq", 4, 12.0, 6.0),
+            _row("rtn", 3, 40.0, 7.0, concurrent=4),
+            _row("mlx-lm-awq", 3, 30.0, 8.0, concurrent=4, retried_with={"MLX_USE_CUDA_GRAPHS": "0"},
+                 first_error="RuntimeError: cuGraphAddKernelNode failed"),
+        ],
+    }
+    text = quality.render_report(report)
+    lines = {line.split(" | ")[0] + line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| ")}
+    assert "| 6.0 |" in lines["| metal-marlin awq4"]  # gap closed (20-12)/(20-10) = 80%
+    assert "| 80% | 80% |" in lines["| metal-marlin awq4"]
+    assert "| 7.0\\* |" in lines["| round-to-nearest3"] and "| 8.0\\* |" in lines["| mlx-lm AWQ3"]
+    assert "while 4 jobs shared the GPU" in text
+    assert "failed once (RuntimeError: cuGraphAddKernelNode failed) and was rerun with MLX_USE_CUDA_GRAPHS=0" in text
+
+
+def test_a_report_without_shared_jobs_has_no_footnote(quality):
+    report = {"calibration": "32 x 512 tokens", "skipped": [], "failed": [], "not_run": [], "calibration_sizes": [],
+              "results": [_row("original", 16, 10.0), _row("rtn", 4, 20.0, 5.0)]}
+    text = quality.render_report(report)
+    assert "shared the GPU" not in text and "\\*" not in text
