@@ -109,16 +109,19 @@ def run_one(
     import mlx.core as mx
 
     from metal_marlin.calibration import calibration_tokens
-    from metal_marlin.checkpoints.loader import load_model
+    from metal_marlin.checkpoints.loader import load_model, open_checkpoint
     from metal_marlin.eval import evaluation_windows, perplexity
     from metal_marlin.pipeline import awq_quantize_model
     from metal_marlin.tokenizer import load_tokenizer
 
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_name)
+    hidden = open_checkpoint(model_name).config.hidden_size
     result: dict[str, Any] = {
         "model": model_name, "variant": variant, "bits": bits, "group_size": group_size,
         "n_samples": n_samples, "seq_len": seq_len,
+        # What the search holds per block on top of the model: its calibration inputs, float32.
+        "block_inputs_mb": n_samples * seq_len * hidden * 4 / 2**20,
     }
     if variant == "original":
         model = load_model(model_name).model
@@ -446,6 +449,10 @@ def _time(r: dict[str, Any]) -> str:
     return f"{r['time_s']:.1f}" + ("\\*" if r.get("concurrent", 1) > 1 else "")
 
 
+def _block_inputs(r: dict[str, Any]) -> str:
+    return f"{r['block_inputs_mb']:.0f}" if r.get("block_inputs_mb") is not None else "-"
+
+
 def _memory(r: dict[str, Any]) -> str:
     rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
     dev = f" / {r['peak_device_mb']:.0f}" if r.get("peak_device_mb") is not None else ""
@@ -516,15 +523,16 @@ def render_calibration_table(rows: list[dict[str, Any]]) -> list[str]:
     lines = [
         f"### Calibration size ({rows[0]['model']}, 4-bit g64)",
         "",
-        "| quantizer | calibration | ppl Wikipedia | ppl KJV | time (s) | time / mlx-lm AWQ at its calibration |",
-        "|---|---|---:|---:|---:|---:|",
+        "| quantizer | calibration | ppl Wikipedia | ppl KJV | time (s) | time / mlx-lm AWQ at its calibration "
+        "| one block's calibration inputs, float32 (MB) |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
     order = {q: i for i, q in enumerate(QUANTIZERS)}
     for r in sorted(rows, key=lambda r: (r["variant"] == "mlx-lm-awq", order.get(r["variant"], 9), r["n_samples"] * r["seq_len"])):
         ratio = f"{r['time_s'] / reference['time_s']:.2f}x" if reference and r is not reference else "-"
         lines.append(
             f"| {LABELS.get(r['variant'], r['variant'])} | {r['n_samples']} x {r['seq_len']} | {_ppl(r, 'wikipedia')} | "
-            f"{_ppl(r, 'kjv')} | {_time(r)} | {ratio} |"
+            f"{_ppl(r, 'kjv')} | {_time(r)} | {ratio} | {_block_inputs(r)} |"
         )
     return lines
 

@@ -81,3 +81,16 @@ def test_a_report_without_shared_jobs_has_no_footnote(quality):
               "results": [_row("original", 16, 10.0), _row("rtn", 4, 20.0, 5.0)]}
     text = quality.render_report(report)
     assert "shared the GPU" not in text and "\\*" not in text
+
+
+def test_the_calibration_table_gives_time_against_mlx_lm_and_the_block_inputs(quality):
+    rows = [
+        _row("awq", 4, 12.0, 6.0, n_samples=8, seq_len=256, block_inputs_mb=4.5),
+        _row("awq", 4, 11.0, 30.0, n_samples=128, seq_len=512, block_inputs_mb=144.0),
+        _row("mlx-lm-awq", 4, 13.0, 20.0, n_samples=16, seq_len=512),
+    ]
+    lines = quality.render_calibration_table(rows)
+    body = [line for line in lines if line.startswith("| metal") or line.startswith("| mlx")]
+    assert body[0].startswith("| metal-marlin awq | 8 x 256 |") and body[0].endswith("| 6.0 | 0.30x | 4 |")
+    assert body[1].endswith("| 30.0 | 1.50x | 144 |")
+    assert body[2].startswith("| mlx-lm AWQ | 16 x 512 |") and body[2].endswith("| 20.0 | - | - |")
