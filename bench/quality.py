@@ -341,7 +341,7 @@ def main() -> None:
             if outcome is None:
                 report["not_run"].append(list(job))
             elif "error" in outcome:
-                report["failed"].append({"job": list(job), "error": outcome["error"]})
+                report["failed"].append({"job": list(job), "error": outcome["error"], "first_error": outcome["first_error"]})
             else:
                 outcome["concurrent"] = concurrent
                 (calibration_results if is_calibration[index] else results).append(outcome)
@@ -414,7 +414,7 @@ def run_child(job: tuple, workdir: str, args: argparse.Namespace, left: float | 
         result = json.loads(done.stdout.strip().splitlines()[-1])
         if first_error is not None:
             result["retried_with"] = attempt_env
-            result["first_error"] = first_error.strip().splitlines()[-1] if first_error.strip() else "no output"
+            result["first_error"] = _last_line(first_error)
         return result
     return None
 
@@ -511,11 +511,17 @@ def render_report(report: dict[str, Any]) -> str:
         lines += render_calibration_table(report["calibration_sizes"]) + [""]
     for failure in report.get("failed", []):
         m, v, b, g, n, length = failure["job"]
-        reason = failure["error"].strip().splitlines()[-1] if failure["error"].strip() else "no output"
+        reason = _last_line(failure["error"])
+        if failure.get("first_error"):
+            reason = f"{_last_line(failure['first_error'])}; rerun without CUDA graphs and compiled steps: {reason}"
         lines.append(f"Failed: {m} {v} w{b}g{g} {n}x{length}: {reason}")
     if report.get("not_run"):
         lines.append("Not run (time budget): " + "; ".join(f"{m} {v} w{b}g{g} {n}x{length}" for m, v, b, g, n, length in report["not_run"]))
     return "\n".join(lines).rstrip() + "\n"
+
+
+def _last_line(text: str) -> str:
+    return text.strip().splitlines()[-1] if text.strip() else "no output"
 
 
 def render_calibration_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -533,6 +539,25 @@ def render_calibration_table(rows: list[dict[str, Any]]) -> list[str]:
         lines.append(
             f"| {LABELS.get(r['variant'], r['variant'])} | {r['n_samples']} x {r['seq_len']} | {_ppl(r, 'wikipedia')} | "
             f"{_ppl(r, 'kjv')} | {_time(r)} | {ratio} | {_block_inputs(r)} |"
+        )
+    return lines
+
+
+def render_timing(report: dict[str, Any]) -> list[str]:
+    """A timing run's table: each quantizer's time against mlx-lm AWQ's at the same model and setting."""
+    lines = [
+        "| model | quantizer | bits | group | calibration | time (s) | time / mlx-lm AWQ | peak RSS / GPU memory (MB) "
+        "| ppl Wikipedia | ppl KJV |",
+        "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    rows = [r for r in report["results"] if r["variant"] != "original"]
+    for r in rows:
+        same_setting = [x for x in rows if _job_of(x)[2:] == _job_of(r)[2:] and x["model"] == r["model"]]
+        reference = next((x for x in same_setting if x["variant"] == "mlx-lm-awq"), None)
+        ratio = f"{r['time_s'] / reference['time_s']:.2f}x" if reference is not None and reference is not r else "-"
+        lines.append(
+            f"| {r['model']} | {LABELS.get(r['variant'], r['variant'])} | {r['bits']} | {r['group_size']} | "
+            f"{r['n_samples']} x {r['seq_len']} | {_time(r)} | {ratio} | {_memory(r)} | {_ppl(r, 'wikipedia')} | {_ppl(r, 'kjv')} |"
         )
     return lines
 

@@ -31,7 +31,11 @@ import numpy as np
 
 from metal_marlin.assets import kjv_bible_path, wikipedia_summaries_path
 
-DEFAULT_N_SAMPLES = 128
+# 32 x 512: bench/quality.py's calibration-size table (issue #11, H200, SmolLM2 4-bit g64) measured
+# 8 x 256, 32 x 512 and 128 x 512; all three took 0.8-0.9x mlx-lm AWQ's time at 16 x 512, and
+# 32 x 512 had the best mean log-perplexity over the two texts (128 x 512, AutoAWQ's default, was
+# no better and holds 4x the calibration inputs per block: 144 MB instead of 36 MB for SmolLM2).
+DEFAULT_N_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
 HELD_OUT_EVERY = 10
 ACTIVATION_KEYS = ("input_ids", "hidden_states")

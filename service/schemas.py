@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_val
 from jobstore import FILE_PURPOSES, JOB_STATUSES
 from jobstore.layout import EXPORT_FORMATS
 from metal_marlin.assets import BUILTIN_MODEL_NAME, BUILTIN_MODELS
+from metal_marlin.calibration import DEFAULT_N_SAMPLES, DEFAULT_SEQ_LEN
 
 # ---------------------------------------------------------------------------------------
 # Quantization jobs
@@ -155,8 +156,8 @@ class QuantizationJobCreate(BaseModel):
         description="Fraction of input channels kept in fp16. Default 0.01, or 0 with export_format `autoawq` (which requires 0).",
     )
     activation_method: Literal["mean", "max", "rms"] = "rms"
-    n_samples: int = Field(128, ge=1, le=1024, description="Calibration sequences.")
-    seq_len: int = Field(512, ge=8, le=4096, description="Tokens per calibration sequence.")
+    n_samples: int = Field(DEFAULT_N_SAMPLES, ge=1, le=1024, description="Calibration sequences.")
+    seq_len: int = Field(DEFAULT_SEQ_LEN, ge=8, le=4096, description="Tokens per calibration sequence.")
     n_grid: int = Field(20, ge=1, le=100, description="Grid points of the scale search.")
     duo_scaling: bool = False
     method: Literal["awq", "awq+round", "rtn"] = Field(

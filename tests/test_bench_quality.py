@@ -94,3 +94,13 @@ def test_the_calibration_table_gives_time_against_mlx_lm_and_the_block_inputs(qu
     assert body[0].startswith("| metal-marlin awq | 8 x 256 |") and body[0].endswith("| 6.0 | 0.30x | 4 |")
     assert body[1].endswith("| 30.0 | 1.50x | 144 |")
     assert body[2].startswith("| mlx-lm AWQ | 16 x 512 |") and body[2].endswith("| 20.0 | - | - |")
+
+
+def test_a_job_that_failed_twice_names_both_errors(quality):
+    report = {"calibration": "32 x 512 tokens", "skipped": [], "not_run": [], "calibration_sizes": [],
+              "results": [_row("original", 16, 10.0)],
+              "failed": [{"job": ["smol", "mlx-lm-awq", 4, 128, 32, 512], "error": "Traceback\nRuntimeError: second",
+                          "first_error": "Traceback\nRuntimeError: first"}]}
+    text = quality.render_report(report)
+    assert ("Failed: smol mlx-lm-awq w4g128 32x512: RuntimeError: first; rerun without CUDA graphs and compiled steps: "
+            "RuntimeError: second") in text
