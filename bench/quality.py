@@ -116,12 +116,10 @@ def run_one(
 
     workdir.mkdir(parents=True, exist_ok=True)
     tokenizer = load_tokenizer(model_name)
-    hidden = open_checkpoint(model_name).config.hidden_size
     result: dict[str, Any] = {
         "model": model_name, "variant": variant, "bits": bits, "group_size": group_size,
         "n_samples": n_samples, "seq_len": seq_len,
-        # What the search holds per block on top of the model: its calibration inputs, float32.
-        "block_inputs_mb": n_samples * seq_len * hidden * 4 / 2**20,
+        **calibration_memory_mb(open_checkpoint(model_name).config, n_samples, seq_len),
     }
     if variant == "original":
         model = load_model(model_name).model
@@ -165,6 +163,18 @@ def run_one(
         result[f"se_{corpus}"] = ppl.standard_error
         result[f"eval_tokens_{corpus}"] = ppl.n_predicted_tokens
     return result
+
+
+def calibration_memory_mb(config: Any, n_samples: int, seq_len: int) -> dict[str, float]:
+    """What AWQ holds per block for a calibration size, float32, from the shapes (MiB).
+
+    ``block_inputs_mb``: the block's input, ``tokens x hidden``. ``captured_inputs_mb``: the
+    inputs of its linear groups that the search scores candidates on (q/k/v's and gate/up's,
+    each shared, o_proj's ``heads x head_dim`` and down_proj's intermediate width).
+    """
+    tokens = n_samples * seq_len
+    captured = 2 * config.hidden_size + config.num_attention_heads * config.head_dim + config.intermediate_size
+    return {"block_inputs_mb": tokens * config.hidden_size * 4 / 2**20, "captured_inputs_mb": tokens * captured * 4 / 2**20}
 
 
 def _mlx_lm_bits_per_weight(model: Any) -> float:
@@ -449,8 +459,10 @@ def _time(r: dict[str, Any]) -> str:
     return f"{r['time_s']:.1f}" + ("\\*" if r.get("concurrent", 1) > 1 else "")
 
 
-def _block_inputs(r: dict[str, Any]) -> str:
-    return f"{r['block_inputs_mb']:.0f}" if r.get("block_inputs_mb") is not None else "-"
+def _mib(r: dict[str, Any], key: str) -> str:
+    if r.get(key) is None:
+        return "-"
+    return f"{r[key]:.1f}" if r[key] < 10 else f"{r[key]:.0f}"
 
 
 def _memory(r: dict[str, Any]) -> str:
@@ -530,15 +542,15 @@ def render_calibration_table(rows: list[dict[str, Any]]) -> list[str]:
         f"### Calibration size ({rows[0]['model']}, 4-bit g64)",
         "",
         "| quantizer | calibration | ppl Wikipedia | ppl KJV | time (s) | time / mlx-lm AWQ at its calibration "
-        "| one block's calibration inputs, float32 (MB) |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| one block's input, float32 (MiB) | its linears' inputs, float32 (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     order = {q: i for i, q in enumerate(QUANTIZERS)}
     for r in sorted(rows, key=lambda r: (r["variant"] == "mlx-lm-awq", order.get(r["variant"], 9), r["n_samples"] * r["seq_len"])):
         ratio = f"{r['time_s'] / reference['time_s']:.2f}x" if reference and r is not reference else "-"
         lines.append(
             f"| {LABELS.get(r['variant'], r['variant'])} | {r['n_samples']} x {r['seq_len']} | {_ppl(r, 'wikipedia')} | "
-            f"{_ppl(r, 'kjv')} | {_time(r)} | {ratio} | {_block_inputs(r)} |"
+            f"{_ppl(r, 'kjv')} | {_time(r)} | {ratio} | {_mib(r, 'block_inputs_mb')} | {_mib(r, 'captured_inputs_mb')} |"
         )
     return lines
 

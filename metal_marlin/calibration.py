@@ -5,7 +5,7 @@ split once, deterministically, into a calibration part and a held-out evaluation
 articles are ordered by title and every tenth one is held out. Calibration samples never
 contain an evaluation article, so perplexity is measured on text the quantizer never saw.
 
-Calibration follows AutoAWQ's defaults: 128 samples of 512 tokens, cut from the
+Calibration defaults to 32 samples of 512 tokens (see ``DEFAULT_N_SAMPLES``), cut from the
 concatenated, tokenized calibration text (articles joined by blank lines). For a model whose
 tokenizer adds a BOS token (Gemma, Llama), every sample and evaluation window starts with it
 and holds one text token fewer (:func:`cut_rows`): such models are only in distribution after
@@ -34,7 +34,8 @@ from metal_marlin.assets import kjv_bible_path, wikipedia_summaries_path
 # 32 x 512: bench/quality.py's calibration-size table (issue #11, H200, SmolLM2 4-bit g64) measured
 # 8 x 256, 32 x 512 and 128 x 512; all three took 0.8-0.9x mlx-lm AWQ's time at 16 x 512, and
 # 32 x 512 had the best mean log-perplexity over the two texts (128 x 512, AutoAWQ's default, was
-# no better and holds 4x the calibration inputs per block: 144 MB instead of 36 MB for SmolLM2).
+# no better and holds 4x the calibration inputs per block: 816 MiB of linear inputs instead of
+# 204 MiB for SmolLM2).
 DEFAULT_N_SAMPLES = 32
 DEFAULT_SEQ_LEN = 512
 HELD_OUT_EVERY = 10

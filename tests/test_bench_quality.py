@@ -85,15 +85,15 @@ def test_a_report_without_shared_jobs_has_no_footnote(quality):
 
 def test_the_calibration_table_gives_time_against_mlx_lm_and_the_block_inputs(quality):
     rows = [
-        _row("awq", 4, 12.0, 6.0, n_samples=8, seq_len=256, block_inputs_mb=4.5),
-        _row("awq", 4, 11.0, 30.0, n_samples=128, seq_len=512, block_inputs_mb=144.0),
+        _row("awq", 4, 12.0, 6.0, n_samples=8, seq_len=256, block_inputs_mb=4.5, captured_inputs_mb=25.5),
+        _row("awq", 4, 11.0, 30.0, n_samples=128, seq_len=512, block_inputs_mb=144.0, captured_inputs_mb=816.0),
         _row("mlx-lm-awq", 4, 13.0, 20.0, n_samples=16, seq_len=512),
     ]
     lines = quality.render_calibration_table(rows)
     body = [line for line in lines if line.startswith("| metal") or line.startswith("| mlx")]
-    assert body[0].startswith("| metal-marlin awq | 8 x 256 |") and body[0].endswith("| 6.0 | 0.30x | 4 |")
-    assert body[1].endswith("| 30.0 | 1.50x | 144 |")
-    assert body[2].startswith("| mlx-lm AWQ | 16 x 512 |") and body[2].endswith("| 20.0 | - | - |")
+    assert body[0].startswith("| metal-marlin awq | 8 x 256 |") and body[0].endswith("| 6.0 | 0.30x | 4.5 | 26 |")
+    assert body[1].endswith("| 30.0 | 1.50x | 144 | 816 |")
+    assert body[2].startswith("| mlx-lm AWQ | 16 x 512 |") and body[2].endswith("| 20.0 | - | - | - |")
 
 
 def test_a_job_that_failed_twice_names_both_errors(quality):
@@ -104,3 +104,14 @@ def test_a_job_that_failed_twice_names_both_errors(quality):
     text = quality.render_report(report)
     assert ("Failed: smol mlx-lm-awq w4g128 32x512: RuntimeError: first; rerun without CUDA graphs and compiled steps: "
             "RuntimeError: second") in text
+
+
+def test_calibration_memory_counts_the_block_input_and_its_linears_inputs(quality):
+    from metal_marlin.checkpoints.loader import open_checkpoint
+
+    smol = quality.calibration_memory_mb(open_checkpoint("smollm2-135m-instruct").config, 32, 512)
+    assert smol["block_inputs_mb"] == 32 * 512 * 576 * 4 / 2**20 == 36.0
+    # q/k/v and gate/up inputs (576 each), o_proj's 9 x 64, down_proj's 1536
+    assert smol["captured_inputs_mb"] == 32 * 512 * (576 + 576 + 576 + 1536) * 4 / 2**20 == 204.0
+    gemma = quality.calibration_memory_mb(open_checkpoint("gemma-3-270m").config, 128, 512)
+    assert gemma["captured_inputs_mb"] == 128 * 512 * (640 + 640 + 4 * 256 + 2048) * 4 / 2**20 == 1088.0
