@@ -205,6 +205,8 @@ def test_serve_and_chat_streams_from_the_result(page: Any, server: Server, shots
     page.goto(f"{server.url}/#/jobs/{job_id}")
     page.get_by_role("link", name="Serve and chat").click()
     model = page.get_by_label("Model", exact=True)
+    # The select shows the wanted model at once and the served list when /v1/models answers.
+    sync_api.expect(model.locator(f"option[value={BUILTIN!r}]")).to_have_count(1)
     page.wait_for_function(f"document.querySelector('#chat-model').value === {job_id!r}")
     assert job_id in model.locator("option").all_inner_texts() and BUILTIN in model.locator("option").all_inner_texts()
     page.get_by_label("Temperature").fill("0")
