@@ -91,21 +91,30 @@ class Rounding:
     max_ratio: Any
 
 
+def group_range(w: Any, spec: QuantSpec, xp: ModuleType = np) -> tuple[Any, Any]:
+    """Each group's minimum and maximum of ``w [out, in]``, widened to include 0: ``[out, in/group]``.
+
+    Separate from :func:`affine_params` so a search over clip ratios reduces ``w`` once,
+    not once per ratio (the ratio only scales these two).
+    """
+    g = _grouped(_float32(w, xp), spec)
+    return xp.minimum(g.min(axis=-1), 0.0), xp.maximum(g.max(axis=-1), 0.0)
+
+
 def affine_params(
     w: Any, spec: QuantSpec, xp: ModuleType = np, clip_ratio: Any = None, rounding: Rounding | None = None,
-    rounder: Rounder | None = None,
+    rounder: Rounder | None = None, w_range: tuple[Any, Any] | None = None,
 ) -> tuple[Any, Any]:
     """Scales and integer zero points for ``w [out, in]``: each ``[out, in/group]``, float32.
 
     ``clip_ratio`` (scalar or ``[out, in/group]``) shrinks each group's range towards zero
     before the parameters are derived: the clip search's knob. ``rounding`` instead shrinks
     the minimum and maximum by its own two ratios. ``rounder`` replaces ``xp.round`` (a
-    straight-through estimator keeps the result differentiable).
+    straight-through estimator keeps the result differentiable). ``w_range`` is
+    :func:`group_range` of ``w`` when the caller already has it.
     """
     rounder = rounder or xp.round
-    g = _grouped(w.astype(xp.float32), spec)
-    w_max = xp.maximum(g.max(axis=-1), 0.0)
-    w_min = xp.minimum(g.min(axis=-1), 0.0)
+    w_min, w_max = w_range if w_range is not None else group_range(w, spec, xp)
     if rounding is not None:
         w_max = w_max * rounding.max_ratio
         w_min = w_min * rounding.min_ratio
@@ -120,12 +129,17 @@ def affine_params(
     return scale, zero
 
 
+def _float32(w: Any, xp: ModuleType) -> Any:
+    """``w`` as float32, without a copy when it already is (the searches call this per candidate)."""
+    return w if w.dtype == xp.float32 else w.astype(xp.float32)
+
+
 def _float_codes(
     w: Any, scale: Any, zero: Any, spec: QuantSpec, xp: ModuleType, rounding: Rounding | None, rounder: Rounder | None
 ) -> Any:
     """Codes of ``w`` as floats ``[out, in/group, group]``: ``clip(round(w/scale + offset) + zero)``."""
     rounder = rounder or xp.round
-    t = _grouped(w.astype(xp.float32), spec) / scale[..., None]
+    t = _grouped(_float32(w, xp), spec) / scale[..., None]
     if rounding is not None:
         t = t + _grouped(rounding.offset, spec)
     return xp.clip(rounder(t) + zero[..., None], 0, spec.max_code)
@@ -146,14 +160,15 @@ def dequantize_codes(q: Any, scale: Any, zero: Any, spec: QuantSpec, xp: ModuleT
 
 def fake_quantize(
     w: Any, spec: QuantSpec, xp: ModuleType = np, clip_ratio: Any = None, rounding: Rounding | None = None,
-    rounder: Rounder | None = None,
+    rounder: Rounder | None = None, w_range: tuple[Any, Any] | None = None,
 ) -> Any:
     """Quantize then dequantize ``w [out, in]`` (what the model will compute with).
 
     With a straight-through ``rounder`` this is differentiable in ``rounding``'s arrays:
     the function learned rounding descends on, the same one that makes the stored codes.
+    ``w_range``: :func:`group_range` of ``w``, when the caller reuses it across calls.
     """
-    scale, zero = affine_params(w, spec, xp, clip_ratio, rounding, rounder)
+    scale, zero = affine_params(w, spec, xp, clip_ratio, rounding, rounder, w_range)
     q = _float_codes(w, scale, zero, spec, xp, rounding, rounder)
     return ((q - zero[..., None]) * scale[..., None]).reshape(w.shape)
 

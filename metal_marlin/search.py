@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from metal_marlin.quant import QuantSpec, fake_quantize
+from metal_marlin.quant import QuantSpec, fake_quantize, group_range
 
 LossFn = Callable[[Sequence[Any]], Any]
 """Maps per-layer weight errors ``W_hat - W`` (original input space) to a scalar loss: a
@@ -234,12 +234,13 @@ def search_clip(
 
     Returns ``[out, in/group]`` float32 ratios for :func:`metal_marlin.quant.affine_params`.
     """
-    ws = w * (s * keep)[None, :]
+    ws = (w * (s * keep)[None, :]).astype(xp.float32)
+    ws_range = group_range(ws, spec, xp)  # each ratio only scales it
     grams = error.scaled_group_grams(spec.group_size, 1.0 / s)
     best_err = None
     best_ratio = None
     for ratio in clip_ratios_grid(n_grid, max_shrink):
-        delta = fake_quantize(ws, spec, xp, ratio) - ws
+        delta = fake_quantize(ws, spec, xp, ratio, w_range=ws_range) - ws
         err = error.per_group(delta, grams)
         if best_err is None:
             best_err, best_ratio = err, xp.full(err.shape, ratio, dtype=xp.float32)

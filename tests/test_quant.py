@@ -12,6 +12,8 @@ from metal_marlin.quant import (
     QuantSpec,
     affine_params,
     dequantize_codes,
+    fake_quantize,
+    group_range,
     pack_codes,
     quantize_codes,
     quantize_tensor,
@@ -103,3 +105,16 @@ def test_bad_specs_name_the_parameter() -> None:
         QuantSpec(4, 48)
     with pytest.raises(ValueError, match="group_size=128 does not divide in_features=576"):
         quantize_tensor(np.zeros((2, 576), np.float32), QuantSpec(4, 128))
+
+
+def test_a_reused_group_range_gives_exactly_the_same_fake_quantization() -> None:
+    """The clip search reduces each weight once and reuses the range for every ratio."""
+    rng = np.random.default_rng(5)
+    w = (rng.standard_normal((48, 128)) * rng.uniform(0.1, 3.0, 128)).astype(np.float32)
+    spec = QuantSpec(3, 32)
+    w_min, w_max = group_range(w, spec)
+    assert w_min.shape == w_max.shape == (48, 4) and (w_min <= 0).all() and (w_max >= 0).all()
+    for ratio in (1.0, 0.8, 0.55):
+        assert np.array_equal(fake_quantize(w, spec, clip_ratio=ratio, w_range=(w_min, w_max)),
+                              fake_quantize(w, spec, clip_ratio=ratio))
+    assert not np.array_equal(fake_quantize(w, spec, clip_ratio=0.55), fake_quantize(w, spec, clip_ratio=1.0))
