@@ -265,6 +265,9 @@ def main() -> None:
                         help="jobs outside the timed settings run this many at a time (their times are marked shared)")
     parser.add_argument("--timed-settings", default=None,
                         help="bits:group settings whose jobs run alone (default: the first of --settings)")
+    parser.add_argument("--warm-timing", action="store_true",
+                        help="at the end, run the timed setting's quantizers again, alone, with every kernel compiled "
+                             "(on a GPU the first use of each kernel compiles it) and report those times apart")
     parser.add_argument("--json", default=None, help="also write the results here (rewritten after every job)")
     parser.add_argument("--run-one", nargs=4, metavar=("MODEL", "VARIANT", "BITS", "GROUP"), help=argparse.SUPPRESS)
     parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
@@ -365,6 +368,19 @@ def main() -> None:
             run_job(index, 1, workdir)
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
             list(pool.map(lambda index: run_job(index, args.parallel, workdir), shared_gpu))
+        if args.warm_timing:
+            report["warm_timing"] = warm_timing = []
+            for index in alone:
+                job = planned[index]
+                if job[1] == "original" or is_calibration[index]:
+                    continue
+                left = None if args.budget_s is None else args.budget_s - (time.time() - started)
+                if left is not None and left < 10:
+                    break
+                outcome = run_child(job, workdir, args, left, 1)
+                if outcome is not None and "error" not in outcome:
+                    warm_timing.append(outcome)
+                    save()
     save()
     print(render_report(report))
 
@@ -555,14 +571,14 @@ def render_calibration_table(rows: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
-def render_timing(report: dict[str, Any]) -> list[str]:
-    """A timing run's table: each quantizer's time against mlx-lm AWQ's at the same model and setting."""
+def render_timing(rows: list[dict[str, Any]]) -> list[str]:
+    """Timing rows as a table: each quantizer's time against mlx-lm AWQ's at the same model and setting."""
     lines = [
         "| model | quantizer | bits | group | calibration | time (s) | time / mlx-lm AWQ | peak RSS / GPU memory (MB) "
         "| ppl Wikipedia | ppl KJV |",
         "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
-    rows = [r for r in report["results"] if r["variant"] != "original"]
+    rows = [r for r in rows if r["variant"] != "original"]
     for r in rows:
         same_setting = [x for x in rows if _job_of(x)[2:] == _job_of(r)[2:] and x["model"] == r["model"]]
         reference = next((x for x in same_setting if x["variant"] == "mlx-lm-awq"), None)

@@ -431,7 +431,7 @@ def merge_quality(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
     merged["skipped"] = [s for rep in reports for s in rep.get("skipped", [])]
     merged["not_run"] = [s for rep in reports for s in rep.get("not_run", [])]
     merged["calibration_sizes"] = [r for rep in reports for r in rep.get("calibration_sizes", [])]
-    merged["runs"] = [{k: rep.get(k) for k in ("command", "started", "machine", "complete")} for rep in reports]
+    merged["runs"] = [{k: rep.get(k) for k in ("command", "started", "machine", "complete", "warm_timing")} for rep in reports]
     return merged
 
 
@@ -461,17 +461,20 @@ def quality_section(quality: dict[str, Any], timings: list[dict[str, Any]] | Non
         "",
         "![perplexity vs bits per weight](img/perplexity_vs_bits.png)",
         "",
-        *timing_section(timings or []),
+        *timing_section(quality, timings or []),
         QUALITY_END,
         "",
     ]
 
 
-def timing_section(timings: list[dict[str, Any]]) -> list[str]:
-    """Timing runs (bench/out/timing*.json): the timed setting again, on the same machine, right after."""
+def timing_section(quality: dict[str, Any], timings: list[dict[str, Any]]) -> list[str]:
+    """The timed setting again, on the same machine, right after: a quality run's ``--warm-timing``
+    rows, and separate timing runs (bench/out/timing*.json)."""
     from quality import render_timing
 
-    if not timings:
+    warm = [(run, run["warm_timing"]) for run in quality.get("runs", [quality]) if run.get("warm_timing")]
+    runs = warm + [(run, run["results"]) for run in timings]
+    if not runs:
         return []
     lines = [
         "### Quantization time with MLX's kernel cache warm",
@@ -479,13 +482,13 @@ def timing_section(timings: list[dict[str, Any]]) -> list[str]:
         "On a GPU, MLX compiles each kernel the first time a machine uses it and caches it on disk",
         "(`MLX_PTX_CACHE_DIR`). The run above started on a fresh machine, so the first job to use a",
         "kernel paid for compiling it: mlx-lm's AWQ at every new bit width (it runs the quantized",
-        "matmul of each), and awq+round at its first setting (its compiled steps). This run repeats",
-        "the timed setting right after, on the same machine, with every kernel cached: these are the",
-        "times to compare.",
+        "matmul of each), and awq+round at its first setting (its compiled steps). The timed setting",
+        "ran again right after, on the same machine, each job alone and every kernel cached",
+        "(`--warm-timing`, or a separate run): these are the times to compare.",
         "",
     ]
-    for run in timings:
-        lines += [_provenance(run), "", *render_timing(run), ""]
+    for run, rows in runs:
+        lines += [_provenance(run), "", *render_timing(rows), ""]
     return lines
 
 

@@ -115,3 +115,18 @@ def test_calibration_memory_counts_the_block_input_and_its_linears_inputs(qualit
     assert smol["captured_inputs_mb"] == 32 * 512 * (576 + 576 + 576 + 1536) * 4 / 2**20 == 204.0
     gemma = quality.calibration_memory_mb(open_checkpoint("gemma-3-270m").config, 128, 512)
     assert gemma["captured_inputs_mb"] == 128 * 512 * (640 + 640 + 4 * 256 + 2048) * 4 / 2**20 == 1088.0
+
+
+def test_the_timing_table_compares_each_quantizer_with_mlx_lm_at_its_own_setting(quality):
+    rows = [
+        _row("original", 16, 10.0),
+        _row("mlx-lm-awq", 4, 13.0, 12.0),
+        _row("awq", 4, 12.0, 3.0),
+        _row("awq+round", 4, 11.0, 60.0),
+        _row("mlx-lm-awq", 3, 30.0, 20.0),
+        _row("awq", 3, 25.0, 5.0),
+    ]
+    body = [line for line in quality.render_timing(rows) if line.startswith("| smol")]
+    assert len(body) == 5  # the original has no time
+    assert "| 3.0 | 0.25x |" in body[1] and "| 60.0 | 5.00x |" in body[2] and "| 5.0 | 0.25x |" in body[4]
+    assert "| 12.0 | - |" in body[0]
