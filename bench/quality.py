@@ -296,7 +296,7 @@ def main() -> None:
         calibration.append((models[0], "mlx-lm-awq", 4, 64, *_size(args.reference_calibration)))
     main_jobs = [(*job, args.n_samples, args.seq_len) for job in jobs]
     # A calibration-table entry at the main calibration is a row of the main table: run once.
-    shared = [job for job in calibration if job in main_jobs]
+    in_main_table = [job for job in calibration if job in main_jobs]
     extra = [job for job in calibration if job not in main_jobs]
     # The calibration table (first model, 4-bit g64) runs right after that model's first setting,
     # before the other settings: a run cut short by its budget keeps the table.
@@ -309,7 +309,7 @@ def main() -> None:
     is_calibration = [insert_at <= index < insert_at + len(extra) for index in range(len(planned))]
 
     timed_settings = {tuple(int(v) for v in item.split(":")) for item in args.timed_settings.split(",") if item}
-    alone, shared_gpu = split_phases(planned, is_calibration, timed_settings, args.parallel)
+    alone, together = split_phases(planned, is_calibration, timed_settings, args.parallel)
 
     results: list[dict[str, Any]] = []
     calibration_results: list[dict[str, Any]] = []
@@ -331,20 +331,23 @@ def main() -> None:
         "calibration_sizes": calibration_results,
     }
     lock = threading.Lock()
+    order = {job: i for i, job in enumerate(planned)}
+
+    def time_left() -> float | None:
+        return None if args.budget_s is None else args.budget_s - (time.time() - started)
 
     def save() -> None:
         with lock:
-            order = {tuple(job): i for i, job in enumerate(planned)}
             results.sort(key=lambda r: order.get(_job_of(r), len(order)))
             report["wall_time_s"] = time.time() - started
-            report["complete"] = not report["not_run"] and not report["failed"] and len(results) + len(calibration_results) == len(planned) + len(shared)
+            report["complete"] = not report["not_run"] and not report["failed"] and len(results) + len(calibration_results) == len(planned) + len(in_main_table)
             if args.json:  # after every job: a long run that dies keeps what it measured
                 Path(args.json).parent.mkdir(parents=True, exist_ok=True)
                 Path(args.json).write_text(json.dumps(report, indent=1, default=_json_default))
 
     def run_job(index: int, concurrent: int, workdir: str) -> None:
         job = planned[index]
-        left = None if args.budget_s is None else args.budget_s - (time.time() - started)
+        left = time_left()
         if left is not None and left < 10:
             with lock:
                 report["not_run"].append(list(job))
@@ -358,7 +361,7 @@ def main() -> None:
             else:
                 outcome["concurrent"] = concurrent
                 (calibration_results if is_calibration[index] else results).append(outcome)
-                if job in shared:
+                if job in in_main_table:
                     calibration_results.append(outcome)
                 print(json.dumps(outcome), file=sys.stderr, flush=True)
         save()
@@ -367,17 +370,14 @@ def main() -> None:
         for index in alone:  # each alone on the machine: these times are the comparable ones
             run_job(index, 1, workdir)
         with ThreadPoolExecutor(max_workers=args.parallel) as pool:
-            list(pool.map(lambda index: run_job(index, args.parallel, workdir), shared_gpu))
+            list(pool.map(lambda index: run_job(index, args.parallel, workdir), together))
         if args.warm_timing:
             report["warm_timing"] = warm_timing = []
-            for index in alone:
-                job = planned[index]
-                if job[1] == "original" or is_calibration[index]:
-                    continue
-                left = None if args.budget_s is None else args.budget_s - (time.time() - started)
+            for index in warm_timing_jobs(planned, is_calibration, timed_settings):
+                left = time_left()
                 if left is not None and left < 10:
                     break
-                outcome = run_child(job, workdir, args, left, 1)
+                outcome = run_child(planned[index], workdir, args, left, 1)
                 if outcome is not None and "error" not in outcome:
                     warm_timing.append(outcome)
                     save()
@@ -387,6 +387,12 @@ def main() -> None:
 
 def _job_of(result: dict[str, Any]) -> tuple:
     return (result["model"], result["variant"], result["bits"], result["group_size"], result["n_samples"], result["seq_len"])
+
+
+def _setting_of(result: dict[str, Any]) -> tuple:
+    """A job without its quantizer: the rows a quantizer is compared with."""
+    model, _variant, *setting = _job_of(result)
+    return (model, *setting)
 
 
 def split_phases(planned: list[tuple], is_calibration: list[bool], timed_settings: set[tuple[int, int]],
@@ -403,10 +409,20 @@ def split_phases(planned: list[tuple], is_calibration: list[bool], timed_setting
     if parallel <= 1:
         return list(range(len(planned))), []
     alone, together = [], []
-    for index, (_model, variant, bits, group, *_size_) in enumerate(planned):
-        timed = variant == "original" or is_calibration[index] or (bits, group) in timed_settings
+    for index, job in enumerate(planned):
+        timed = job[1] == "original" or is_calibration[index] or _at_timed_setting(job, timed_settings)
         (alone if timed else together).append(index)
     return alone, together
+
+
+def warm_timing_jobs(planned: list[tuple], is_calibration: list[bool], timed_settings: set[tuple[int, int]]) -> list[int]:
+    """The quantizers of the main table at a timed setting: what ``--warm-timing`` runs again."""
+    return [index for index, job in enumerate(planned)
+            if job[1] != "original" and not is_calibration[index] and _at_timed_setting(job, timed_settings)]
+
+
+def _at_timed_setting(job: tuple, timed_settings: set[tuple[int, int]]) -> bool:
+    return (job[2], job[3]) in timed_settings
 
 
 def run_child(job: tuple, workdir: str, args: argparse.Namespace, left: float | None,
@@ -425,24 +441,30 @@ def run_child(job: tuple, workdir: str, args: argparse.Namespace, left: float | 
     if concurrent > 1:  # share the cores instead of each child starting one BLAS thread per core
         threads = str(max(1, (os.cpu_count() or 1) // concurrent))
         env.update(OPENBLAS_NUM_THREADS=threads, OMP_NUM_THREADS=threads)
-    first_error = None
-    for attempt_env in ({}, {"MLX_USE_CUDA_GRAPHS": "0", "MM_COMPILE": "0"}):
-        try:
-            done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=left, env={**env, **attempt_env})
-        except subprocess.TimeoutExpired:
-            return None
-        except subprocess.CalledProcessError as exc:
-            print(exc.stderr[-4000:], file=sys.stderr)
-            if first_error is not None:
-                return {"error": exc.stderr[-2000:], "first_error": first_error}
-            first_error = exc.stderr[-2000:]
-            continue
-        result = json.loads(done.stdout.strip().splitlines()[-1])
-        if first_error is not None:
-            result["retried_with"] = attempt_env
-            result["first_error"] = _last_line(first_error)
-        return result
-    return None
+    first = _attempt(cmd, env, left)
+    if first is None or "error" not in first:
+        return first
+    second = _attempt(cmd, {**env, **RETRY_ENV}, left)
+    if second is None:
+        return None
+    if "error" in second:
+        return {"error": second["error"], "first_error": first["error"]}
+    return {**second, "retried_with": RETRY_ENV, "first_error": _last_line(first["error"])}
+
+
+RETRY_ENV = {"MLX_USE_CUDA_GRAPHS": "0", "MM_COMPILE": "0"}
+
+
+def _attempt(cmd: list[str], env: dict[str, str], left: float | None) -> dict[str, Any] | None:
+    """The child's result, ``{"error": stderr}``, or None when it outran ``left`` seconds."""
+    try:
+        done = subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=left, env=env)
+    except subprocess.TimeoutExpired:
+        return None
+    except subprocess.CalledProcessError as exc:
+        print(exc.stderr[-4000:], file=sys.stderr)
+        return {"error": exc.stderr[-2000:]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def _json_default(value: Any) -> Any:
@@ -526,9 +548,9 @@ def render_report(report: dict[str, Any]) -> str:
         for s in report.get("skipped", []):
             if s["model"] == model_name:
                 lines += [f"{s['bits']}-bit group {s['group_size']} skipped: {s['reason']}", ""]
-    shared = sorted({r["concurrent"] for r in results if r.get("concurrent", 1) > 1})
-    if shared:
-        lines += [f"\\* time measured while {', '.join(map(str, shared))} jobs shared the GPU and the cores "
+    concurrency = sorted({r["concurrent"] for r in results if r.get("concurrent", 1) > 1})
+    if concurrency:
+        lines += [f"\\* time measured while {', '.join(map(str, concurrency))} jobs shared the GPU and the cores "
                   "(`--parallel`): only unmarked times compare with each other; perplexity is unaffected.", ""]
     for r in results + report.get("calibration_sizes", []):
         if r.get("retried_with"):
@@ -579,9 +601,9 @@ def render_timing(rows: list[dict[str, Any]]) -> list[str]:
         "|---|---|---:|---:|---|---:|---:|---:|---:|---:|",
     ]
     rows = [r for r in rows if r["variant"] != "original"]
+    mlx_lm = {_setting_of(r): r for r in rows if r["variant"] == "mlx-lm-awq"}
     for r in rows:
-        same_setting = [x for x in rows if _job_of(x)[2:] == _job_of(r)[2:] and x["model"] == r["model"]]
-        reference = next((x for x in same_setting if x["variant"] == "mlx-lm-awq"), None)
+        reference = mlx_lm.get(_setting_of(r))
         ratio = f"{r['time_s'] / reference['time_s']:.2f}x" if reference is not None and reference is not r else "-"
         lines.append(
             f"| {r['model']} | {LABELS.get(r['variant'], r['variant'])} | {r['bits']} | {r['group_size']} | "

@@ -416,6 +416,11 @@ def _provenance(report: dict[str, Any]) -> str:
             f"Machine: {report['machine']}.")
 
 
+def load_timings() -> list[dict[str, Any]]:
+    """Separate timing runs of bench/quality.py (bench/out/timing*.json)."""
+    return [json.loads(p.read_text()) for p in sorted(OUT.glob("timing*.json"))]
+
+
 def merge_quality(reports: list[dict[str, Any]]) -> dict[str, Any] | None:
     """One quality report from several runs of bench/quality.py (rows concatenated)."""
     if not reports:
@@ -441,7 +446,7 @@ RELIABILITY_BEGIN, RELIABILITY_END = "<!-- reliability section: rendered by benc
 
 
 def quality_section(quality: dict[str, Any], timings: list[dict[str, Any]] | None = None) -> list[str]:
-    from quality import render_report, render_timing
+    from quality import render_report
 
     IMAGES.mkdir(parents=True, exist_ok=True)
     plot_quality(quality, IMAGES / "perplexity_vs_bits.png")
@@ -608,9 +613,8 @@ def main() -> None:
         quality = merge_quality([json.loads(p.read_text()) for p in sorted(OUT.glob("quality*.json"))])
         if quality is None:
             parser.error("no bench/out/quality*.json to render")
-        timings = [json.loads(p.read_text()) for p in sorted(OUT.glob("timing*.json"))]
         page = (DOCS / "RESULTS.md").read_text()
-        (DOCS / "RESULTS.md").write_text(replace_section(page, quality_section(quality, timings), QUALITY_BEGIN, QUALITY_END))
+        (DOCS / "RESULTS.md").write_text(replace_section(page, quality_section(quality, load_timings()), QUALITY_BEGIN, QUALITY_END))
         print(f"wrote the quality section of {DOCS / 'RESULTS.md'}")
         return
     if args.reliability_only:
@@ -641,8 +645,7 @@ def main() -> None:
     sys.path.insert(0, str(HERE))
     gpu = merge_gpu(load_gpu_reports())
     page = render_page(quality, load_report("generate"), load_report("serve"), gpu, load_report(GPU_KERNELS_REPORT),
-                       load_report("chaos"), load_report("soak"),
-                       [json.loads(p.read_text()) for p in sorted(OUT.glob("timing*.json"))])
+                       load_report("chaos"), load_report("soak"), load_timings())
     DOCS.mkdir(parents=True, exist_ok=True)
     (DOCS / "RESULTS.md").write_text(page)
     print(f"wrote {DOCS / 'RESULTS.md'}")

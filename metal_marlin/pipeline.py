@@ -331,8 +331,8 @@ def _quantize_folded(
             linear = _module(block, plan.path)
             folded = _in_namespace(linear.weight, xp)
             rounding = roundings.get(plan.path) if roundings else None
-            if rounding is not None and xp is not np:
-                rounding = Rounding(*(xp.array(a) for a in (rounding.offset, rounding.min_ratio, rounding.max_ratio)))
+            if rounding is not None:  # learned in MLX: stays on the device unless the quantizer runs in numpy
+                rounding = Rounding(*(_in_namespace(a, xp) for a in (rounding.offset, rounding.min_ratio, rounding.max_ratio)))
             clip = None if plan.clip_ratio is None else xp.array(plan.clip_ratio)
             qt = quantize_tensor(folded * xp.array(plan.keep)[None, :], spec, xp, clip, rounding)
             scales, biases = to_mlx_scales_biases(qt.scales, qt.zeros.astype(xp.float32), xp=xp)

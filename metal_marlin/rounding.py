@@ -69,7 +69,7 @@ class RoundingTarget:
 
 @dataclass
 class RoundingOutcome:
-    roundings: dict[str, Rounding]  # numpy arrays, for quant.quantize_tensor
+    roundings: dict[str, Rounding]  # MLX arrays, where they were learned (on a GPU: on the device)
     first_loss: float  # the AWQ block's batch loss (step 0)
     best_loss: float
     best_step: int
@@ -163,8 +163,5 @@ def learn_block_rounding(
     loss_values = [float(v) for v in mx.stack(losses).tolist()]
     best, best_step, best_loss = state["best"], int(state["best_step"].item()), float(state["best_loss"].item())
     block.update(tree_unflatten([(f"{t.path}.weight", t.weight if t.side is None else t.weight + t.side) for t in targets]))
-    roundings = {
-        path: Rounding(offset=np.array(p["offset"]), min_ratio=np.array(p["min_ratio"]), max_ratio=np.array(p["max_ratio"]))
-        for path, p in best.items()
-    }
+    roundings = {path: Rounding(offset=p["offset"], min_ratio=p["min_ratio"], max_ratio=p["max_ratio"]) for path, p in best.items()}
     return RoundingOutcome(roundings, loss_values[0], best_loss, best_step, loss_values)

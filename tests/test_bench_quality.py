@@ -45,6 +45,12 @@ def test_parallel_one_runs_everything_alone_in_plan_order(quality):
     assert alone == list(range(len(PLANNED))) and together == []
 
 
+def test_warm_timing_reruns_only_the_main_table_at_timed_settings(quality):
+    # the same jobs whether the run was parallel or not: no originals, no calibration-table rows
+    assert quality.warm_timing_jobs(PLANNED, CALIBRATION, {(4, 64)}) == [1, 2, 7]
+    assert quality.warm_timing_jobs(PLANNED, CALIBRATION, {(2, 32), (3, 64)}) == [4, 5, 8]
+
+
 def _row(variant: str, bits: int, ppl: float, time_s: float | None = None, concurrent: int = 1, **extra) -> dict:
     row = {"model": "smol", "variant": variant, "bits": bits, "group_size": 64, "n_samples": 32, "seq_len": 512,
            "perplexity_wikipedia": ppl, "perplexity_kjv": ppl, "se_wikipedia": 0.1, "se_kjv": 0.1,
